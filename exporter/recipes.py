@@ -1,0 +1,96 @@
+"""The shared recipe vocabulary: what each recipe means and how close to the reference it must stay.
+
+Recipes are data. A format says which recipe names it implements (see ``exporter.formats``);
+the *meaning* of a name and its parity thresholds live here, so every format, target and report agrees.
+
+Thresholds are checked by ``exporter.parity`` on a real English text (``exporter/data``).
+The measured figures beside them are SmolLM2-135M-Instruct on that text (see README, "Measured").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .registry import Registry
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Parity limits a recipe must hold; ``None`` means the metric is reported but not gated."""
+
+    max_abs_err: float | None = None  # max |logit_ref - logit_art| over every position and vocab entry
+    top1_min: float | None = None  # fraction of positions whose argmax token agrees
+    top5_min: float | None = None  # mean overlap of the two top-5 sets (|A & B| / 5)
+    ppl_rel_change_max: float | None = None  # |ppl_art / ppl_ref - 1|
+    greedy_identical: bool = False  # greedy tokens of the artifact must equal the reference's
+
+    def failures(self, metrics: dict) -> list[str]:
+        """Human-readable reasons ``metrics`` misses these thresholds (empty when it passes)."""
+        out = []
+        if self.max_abs_err is not None and not metrics["max_abs_err"] <= self.max_abs_err:
+            out.append(f"max_abs_err {metrics['max_abs_err']:.4g} > {self.max_abs_err:g}")
+        if self.top1_min is not None and not metrics["top1_agreement"] >= self.top1_min:
+            out.append(f"top1_agreement {metrics['top1_agreement']:.4f} < {self.top1_min:g}")
+        if self.top5_min is not None and not metrics["top5_agreement"] >= self.top5_min:
+            out.append(f"top5_agreement {metrics['top5_agreement']:.4f} < {self.top5_min:g}")
+        if self.ppl_rel_change_max is not None and not (
+            abs(metrics["ppl_rel_change"]) <= self.ppl_rel_change_max
+        ):
+            out.append(f"ppl_rel_change {metrics['ppl_rel_change']:+.4f} exceeds ±{self.ppl_rel_change_max:g}")
+        if self.greedy_identical and metrics.get("greedy_identical") is False:
+            out.append(
+                f"greedy tokens differ from the reference at step {metrics.get('greedy_first_diff')}"
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named quantization recipe of the shared vocabulary."""
+
+    name: str
+    description: str
+    thresholds: Thresholds
+    calibrated: bool = False  # needs calibration text (``--calibration FILE`` or the built-in sample)
+    aliases: tuple[str, ...] = field(default=())
+
+
+RECIPES: Registry[Recipe] = Registry("recipe")
+
+
+def _add(recipe: Recipe) -> None:
+    RECIPES.register(recipe.name, recipe)
+
+
+_add(Recipe(
+    "fp32", "float32 weights and activations: the exported graph as traced",
+    # measured SmolLM2 ONNX: max_abs_err ~1e-4, top1 1.0, greedy identical
+    Thresholds(max_abs_err=5e-2, top1_min=0.995, top5_min=0.99, ppl_rel_change_max=0.002, greedy_identical=True),
+))
+_add(Recipe(
+    "fp16", "float16 weights and compute, float32 inputs/outputs",
+    Thresholds(top1_min=0.95, top5_min=0.93, ppl_rel_change_max=0.02),
+))
+_add(Recipe(
+    "int8-dynamic", "int8 weights (per channel), activations quantized on the fly at run time",
+    Thresholds(top1_min=0.80, top5_min=0.75, ppl_rel_change_max=0.10),
+))
+_add(Recipe(
+    "int8-static", "int8 weights and activations, activation ranges calibrated on text",
+    Thresholds(top1_min=0.70, top5_min=0.65, ppl_rel_change_max=0.25),
+    calibrated=True,
+))
+_add(Recipe(
+    "int4-weight", "4-bit grouped weights (on XNNPACK: 8-bit dynamic activations + 4-bit weights)",
+    Thresholds(top1_min=0.60, top5_min=0.55, ppl_rel_change_max=0.40),
+))
+_add(Recipe(
+    "int8-full", "all-integer int8 (int8 inputs/outputs), for microcontrollers",
+    Thresholds(top1_min=0.60),
+    calibrated=True,
+))
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe called ``name`` (an unknown name is an error listing the known ones)."""
+    return RECIPES.get(name)

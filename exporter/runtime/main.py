@@ -1,0 +1,103 @@
+"""Run a bundle here and print one JSON result: load time, latency figures, peak RSS, runtime, device.
+
+    python -m exporter.runtime.main BUNDLE_DIR [--decode-tokens N] [--repeats R] [--threads T]
+
+The host latency check runs this in a fresh process (so peak RSS is the runtime's alone), and the
+device adapters run the same file on the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from .base import (
+    EncoderRunner,
+    RunnerError,
+    measure_encoder_latency,
+    measure_latency,
+    open_runner,
+    peak_rss_mb,
+    read_spec,
+)
+
+
+def device_identity() -> dict:
+    """What this machine is: board model, CPU, cores, memory, OS, Python."""
+    ident = {
+        "hostname": platform.node(),
+        "machine": platform.machine(),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+    }
+    for path in ("/proc/device-tree/model", "/sys/firmware/devicetree/base/model"):
+        try:
+            ident["board"] = Path(path).read_text().strip("\x00\n ")
+            break
+        except OSError:
+            pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key = line.split(":")[0].strip().lower()
+            if key in ("model name", "hardware", "cpu part") and "cpu" not in ident:
+                ident["cpu"] = line.split(":", 1)[1].strip()
+        mem = Path("/proc/meminfo").read_text().splitlines()[0]
+        ident["mem_total_mb"] = int(mem.split()[1]) // 1024
+    except (OSError, IndexError, ValueError):
+        pass
+    try:
+        ident["os_release"] = dict(
+            line.split("=", 1) for line in Path("/etc/os-release").read_text().splitlines() if "=" in line
+        ).get("PRETTY_NAME", "").strip('"')
+    except OSError:
+        pass
+    return ident
+
+
+def run(bundle_dir: Path, decode_tokens: int, repeats: int, warmup: int, threads: int | None) -> dict:
+    spec = read_spec(bundle_dir)
+    t0 = time.perf_counter()
+    runner = open_runner(bundle_dir, spec, threads=threads)
+    load_s = time.perf_counter() - t0
+    prompt = spec.get("latency_prompt_ids") or [1, 2, 3, 4, 5, 6, 7, 8]
+    if isinstance(runner, EncoderRunner):
+        latency = measure_encoder_latency(runner, prompt, repeats=max(repeats, 5))
+    else:
+        latency = measure_latency(runner, prompt, decode_tokens=decode_tokens, warmup=warmup, repeats=repeats)
+    latency["load_s"] = load_s
+    latency["peak_rss_mb"] = peak_rss_mb()
+    return {
+        "format": spec["format"],
+        "runtime": runner.runtime_name,
+        "runtime_version": runner.runtime_version,
+        "threads": threads,
+        "latency": latency,
+        "device": device_identity(),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("bundle", type=Path)
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    try:
+        result = run(args.bundle, args.decode_tokens, args.repeats, args.warmup, args.threads)
+    except RunnerError as e:
+        print(json.dumps({"error": str(e)}))
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

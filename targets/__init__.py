@@ -1,0 +1,66 @@
+"""Deployment targets: each file in this package describes one kind of device and registers itself.
+
+A target is data: which formats it can run, the default format and recipe for each, the latency /
+memory budgets for the default model on that board, and which transport reaches it. Adding a target
+is adding one file that calls ``register(Target(...))``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from exporter.registry import Registry
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """What the default model must reach on this target; ``None`` is not checked."""
+
+    decode_tok_s_min: float | None = None
+    ttft_ms_max: float | None = None
+    peak_rss_mb_max: float | None = None
+    flash_bytes_max: int | None = None
+    ram_bytes_max: int | None = None
+
+    def failures(self, latency: dict) -> list[str]:
+        """Reasons the measured ``latency`` figures miss this budget (empty when within it)."""
+        out = []
+        if self.decode_tok_s_min is not None and latency.get("decode_tok_s", 0) < self.decode_tok_s_min:
+            out.append(f"decode {latency.get('decode_tok_s', 0):.1f} tok/s < {self.decode_tok_s_min:g}")
+        if self.ttft_ms_max is not None and latency.get("ttft_ms", float("inf")) > self.ttft_ms_max:
+            out.append(f"TTFT {latency.get('ttft_ms'):.0f} ms > {self.ttft_ms_max:g}")
+        if self.peak_rss_mb_max is not None and latency.get("peak_rss_mb", float("inf")) > self.peak_rss_mb_max:
+            out.append(f"peak RSS {latency.get('peak_rss_mb'):.0f} MB > {self.peak_rss_mb_max:g}")
+        return out
+
+
+@dataclass(frozen=True)
+class Target:
+    """A kind of device: its formats (first is the default), default recipe per format, budgets."""
+
+    name: str
+    description: str
+    formats: tuple[str, ...]
+    default_recipes: dict[str, str]  # format -> recipe used when --recipe is not given
+    transport: str = "local"  # local | ssh | adb
+    budgets: Budgets = field(default_factory=Budgets)
+    notes: str = ""
+
+    @property
+    def default_format(self) -> str:
+        return self.formats[0]
+
+    def default_recipe(self, fmt: str) -> str:
+        return self.default_recipes.get(fmt, "fp32")
+
+
+TARGETS: Registry[Target] = Registry("target", __name__)
+
+
+def register(target: Target) -> Target:
+    """Add ``target`` to the registry (called at import time by each target file)."""
+    return TARGETS.register(target.name, target)
+
+
+def get_target(name: str) -> Target:
+    return TARGETS.get(name)
