@@ -23,10 +23,15 @@ class Thresholds:
     top5_min: float | None = None  # mean overlap of the two top-5 sets (|A & B| / 5)
     ppl_rel_change_max: float | None = None  # |ppl_art / ppl_ref - 1|
     greedy_identical: bool = False  # greedy tokens of the artifact must equal the reference's
+    encoder_cosine_min: float | None = None  # encoders: min cosine similarity of hidden states per token
 
     def failures(self, metrics: dict) -> list[str]:
         """Human-readable reasons ``metrics`` misses these thresholds (empty when it passes)."""
         out = []
+        if "cosine_min" in metrics:  # an encoder: hidden states, not logits
+            if self.encoder_cosine_min is not None and not metrics["cosine_min"] >= self.encoder_cosine_min:
+                out.append(f"cosine_min {metrics['cosine_min']:.5f} < {self.encoder_cosine_min:g}")
+            return out
         if self.max_abs_err is not None and not metrics["max_abs_err"] <= self.max_abs_err:
             out.append(f"max_abs_err {metrics['max_abs_err']:.4g} > {self.max_abs_err:g}")
         if self.top1_min is not None and not metrics["top1_agreement"] >= self.top1_min:
@@ -65,28 +70,29 @@ def _add(recipe: Recipe) -> None:
 _add(Recipe(
     "fp32", "float32 weights and activations: the exported graph as traced",
     # measured SmolLM2 ONNX: max_abs_err ~1e-4, top1 1.0, greedy identical
-    Thresholds(max_abs_err=5e-2, top1_min=0.995, top5_min=0.99, ppl_rel_change_max=0.002, greedy_identical=True),
+    Thresholds(max_abs_err=5e-2, top1_min=0.995, top5_min=0.99, ppl_rel_change_max=0.002, greedy_identical=True,
+               encoder_cosine_min=0.9999),
 ))
 _add(Recipe(
     "fp16", "float16 weights and compute, float32 inputs/outputs",
-    Thresholds(top1_min=0.95, top5_min=0.93, ppl_rel_change_max=0.02),
+    Thresholds(top1_min=0.95, top5_min=0.93, ppl_rel_change_max=0.02, encoder_cosine_min=0.999),
 ))
 _add(Recipe(
     "int8-dynamic", "int8 weights (per channel), activations quantized on the fly at run time",
-    Thresholds(top1_min=0.80, top5_min=0.75, ppl_rel_change_max=0.10),
+    Thresholds(top1_min=0.80, top5_min=0.75, ppl_rel_change_max=0.10, encoder_cosine_min=0.98),
 ))
 _add(Recipe(
     "int8-static", "int8 weights and activations, activation ranges calibrated on text",
-    Thresholds(top1_min=0.70, top5_min=0.65, ppl_rel_change_max=0.25),
+    Thresholds(top1_min=0.70, top5_min=0.65, ppl_rel_change_max=0.25, encoder_cosine_min=0.95),
     calibrated=True,
 ))
 _add(Recipe(
     "int4-weight", "4-bit grouped weights (on XNNPACK: 8-bit dynamic activations + 4-bit weights)",
-    Thresholds(top1_min=0.60, top5_min=0.55, ppl_rel_change_max=0.40),
+    Thresholds(top1_min=0.60, top5_min=0.55, ppl_rel_change_max=0.40, encoder_cosine_min=0.95),
 ))
 _add(Recipe(
     "int8-full", "all-integer int8 (int8 inputs/outputs), for microcontrollers",
-    Thresholds(top1_min=0.60),
+    Thresholds(top1_min=0.60, encoder_cosine_min=0.9),
     calibrated=True,
 ))
 

@@ -35,7 +35,7 @@ class Registry(Generic[T]):
             return
         self._discovered = True
         pkg = importlib.import_module(self.package)
-        for info in pkgutil.iter_modules(pkg.__path__):
+        for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
             if not info.name.startswith("_"):
                 importlib.import_module(f"{self.package}.{info.name}")
 
@@ -50,12 +50,13 @@ class Registry(Generic[T]):
             ) from None
 
     def names(self) -> list[str]:
+        """Registered names in registration order (module name order for discovered packages)."""
         self._discover()
-        return sorted(self._entries)
+        return list(self._entries)
 
     def __iter__(self) -> Iterator[T]:
         self._discover()
-        return iter([self._entries[n] for n in sorted(self._entries)])
+        return iter(list(self._entries.values()))
 
     def __contains__(self, name: str) -> bool:
         self._discover()

@@ -8,6 +8,7 @@ is adding one file that calls ``register(Target(...))``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from exporter.registry import Registry
 
@@ -45,6 +46,9 @@ class Target:
     transport: str = "local"  # local | ssh | adb
     budgets: Budgets = field(default_factory=Budgets)
     notes: str = ""
+    # Optional hook (loaded, staging_dir, runtime_spec) -> None that adds files an app on this
+    # target expects beside the artifact (e.g. the ExecuTorch Android demo app's JSON).
+    bundle_extras: Callable | None = None
 
     @property
     def default_format(self) -> str:

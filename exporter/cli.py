@@ -1,0 +1,164 @@
+"""The ``slm-export`` command line.
+
+    slm-export --target rpi [--model PATH] [--format F] [--recipe R] --out DIR   (the export; also `slm-export export ...`)
+    slm-export recipes                                                           (what each format and target can do)
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .errors import SlmExportError
+
+from .recipes import RECIPES
+from targets import TARGETS
+
+# Formats are listed statically so `--help` does not import the format modules (and torch);
+# a test checks that this equals the registry. Targets and recipes are plain data: read live.
+FORMAT_CHOICES = ("onnx", "pte", "tflite")
+TARGET_CHOICES = tuple(TARGETS.names())
+RECIPE_CHOICES = tuple(RECIPES.names())
+
+
+class DefaultToExport(click.Group):
+    """A group whose default command is ``export``: ``slm-export --target rpi`` == ``slm-export export --target rpi``."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["export", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=DefaultToExport, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="slm-export")
+def cli():
+    """Export small language models for phones, boards and microcontrollers, checked and measured."""
+
+
+@cli.command()
+@click.option("--target", type=click.Choice(TARGET_CHOICES), required=True, help="Device kind; sets the default format and recipe.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle folder to create.")
+@click.option("--model", default=None, help="HF folder, .gguf file, or embedded name (default: smollm2-135m-instruct).")
+@click.option("--format", "fmt", type=click.Choice(FORMAT_CHOICES), default=None, help="Artifact format (default: the target's).")
+@click.option("--recipe", type=click.Choice(RECIPE_CHOICES), default=None, help="Quantization recipe (default: the target's).")
+@click.option("--calibration", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="Text file to calibrate int8-static on (default: a built-in public-domain sample).")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out.")
+@click.option("--no-gate", is_flag=True, help="Keep the bundle even if parity thresholds fail (experiments).")
+@click.option("--no-latency", is_flag=True, help="Skip the latency check.")
+@click.option("--max-context", type=click.IntRange(16, 32768), default=512, show_default=True, help="KV-cache length for static-cache formats.")
+@click.option("--group-size", type=click.IntRange(8, 1024), default=32, show_default=True, help="Weight group size of int4-weight.")
+@click.option("--decode-tokens", type=click.IntRange(1, 4096), default=64, show_default=True, help="Tokens decoded per latency repeat.")
+@click.option("--repeats", type=click.IntRange(1, 100), default=3, show_default=True, help="Measured latency repeats (after 1 warm-up).")
+@click.option("--threads", type=click.IntRange(1, 256), default=None, help="Runtime threads (default: the runtime's).")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Where converted models are cached (default $SLM_EXPORT_CACHE or ~/.cache/slm-export).")
+@click.option("--trust-pickle", is_flag=True, help="Allow a folder with only pickled .bin weights (read with weights_only=True).")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def export(target, out, model, fmt, recipe, calibration, force, no_gate, no_latency, max_context, group_size,
+           decode_tokens, repeats, threads, cache_dir, trust_pickle, debug):
+    """Export a model for a target, check parity, measure latency, write a bundle."""
+    from .pipeline import ExportRequest
+
+    req = ExportRequest(target=target, out=out, model=model, format=fmt, recipe=recipe, force=force,
+                        gate=not no_gate, measure=not no_latency, calibration=calibration, cache_dir=cache_dir,
+                        trust_pickle=trust_pickle, max_context=max_context, group_size=group_size,
+                        decode_tokens=decode_tokens, repeats=repeats, threads=threads)
+    _run_guarded(lambda: _export(req), debug)
+
+
+def _export(req) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import pipeline, report
+
+    console = Console(stderr=True)
+    start = time.perf_counter()
+
+    def progress(message: str) -> None:
+        console.print(f"[dim]{time.perf_counter() - start:7.1f}s[/dim] {message}")
+
+    target, fmt, recipe = pipeline.resolve(req)
+    progress(f"target {target.name}: format {fmt.name}, recipe {recipe}")
+    manifest = pipeline.run(req, progress)
+    out = Console()
+    parity = manifest["parity"]
+    table = Table(title=f"parity {fmt.name} / {recipe}: {'passed' if parity['passed'] else 'FAILED'}")
+    for col in ("metric", "value", "threshold"):
+        table.add_column(col)
+    for row in report.parity_rows(parity):
+        table.add_row(*row)
+    out.print(table)
+    if manifest.get("latency"):
+        lat = Table(title=f"latency on this machine ({manifest['latency']['runtime']})")
+        lat.add_column("figure")
+        lat.add_column("value")
+        for row in report.latency_rows(manifest["latency"]["latency"]):
+            lat.add_row(*row)
+        out.print(lat)
+    out.print(f"bundle written to {req.out} ({manifest['artifact']['bytes'] / 1e6:.1f} MB artifact); "
+              f"see {req.out / 'report.html'}")
+
+
+@cli.command()
+def recipes():
+    """List every format x recipe this tool supports and each target's defaults."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from targets import TARGETS
+
+    from .formats import FORMATS
+    from .recipes import RECIPES
+
+    table = Table(title="recipes by format")
+    table.add_column("recipe")
+    table.add_column("meaning")
+    for fmt in FORMATS:
+        table.add_column(fmt.name)
+    for recipe in RECIPES:
+        table.add_row(recipe.name, recipe.description, *["yes" if recipe.name in f.recipes else "-" for f in FORMATS])
+    console = Console(width=160)
+    console.print(table)
+    targets = Table(title="targets")
+    for col in ("target", "formats (first is default)", "default recipe per format", "transport"):
+        targets.add_column(col)
+    for t in TARGETS:
+        targets.add_row(t.name, ", ".join(t.formats), ", ".join(f"{f}: {t.default_recipe(f)}" for f in t.formats), t.transport)
+    console.print(targets)
+
+
+def _run_guarded(fn, debug: bool) -> None:
+    """Run ``fn``; turn known errors into one message and an exit code (tracebacks only with --debug)."""
+    # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C so the staging folder is removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        fn()
+    except SlmExportError as e:
+        if debug:
+            raise
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted: nothing was written (the partial bundle was removed)", err=True)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - the last line of defence of a CLI
+        if debug:
+            raise
+        from .pipeline import summary_exception
+
+        click.echo(f"error: {summary_exception(e)}", err=True)
+        sys.exit(1)
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

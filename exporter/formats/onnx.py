@@ -1,0 +1,180 @@
+"""ONNX: one graph with a KV cache (dynamic batch, sequence and past length), run by onnxruntime.
+
+Inputs ``input_ids``, ``attention_mask`` (past + new), ``position_ids``, ``past_key_values.{i}.key|value``
+(batch, kv_heads, past, head_dim); outputs ``logits`` and ``present.{i}.key|value``. These are the names
+optimum and transformers.js use, so their runners and ours read the same graph. An app prefills the
+prompt with an empty past (past length 0) and then feeds one token at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from exporter.errors import ExportFailedError
+from exporter.formats import Artifact, ExportOptions, Format, causal_lm_spec, encoder_spec, register
+
+MODEL_FILE = "model.onnx"
+FP32_FILE = "model_fp32.onnx"  # the unquantized export, kept only in the staging folder
+_TWO_GB = 2 * 1024**3  # protobuf's limit: larger graphs keep weights as external data
+
+
+class KVCacheWrapper:
+    """Builds the torch module that takes the KV cache as flat tensors (ONNX has no cache objects)."""
+
+    @staticmethod
+    def make(model):
+        import torch
+        from transformers import DynamicCache
+
+        num_layers = model.config.get_text_config().num_hidden_layers
+
+        class _WithFlatCache(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, input_ids, attention_mask, position_ids, *past):
+                cache = DynamicCache(config=self.model.config)
+                for i in range(num_layers):
+                    cache.update(past[2 * i], past[2 * i + 1], i)
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                                 position_ids=position_ids, past_key_values=cache, use_cache=True)
+                present = []
+                for layer in out.past_key_values.layers:
+                    present += [layer.keys, layer.values]
+                return (out.logits, *present)
+
+        return _WithFlatCache().eval()
+
+
+@contextlib.contextmanager
+def untied_output_layer(model):
+    """Give the output layer its own copy of tied embedding weights while exporting.
+
+    A tied weight feeds both a Gather (embedding) and the lm_head MatMul through a Transpose, and
+    onnxruntime's quantizers then leave the biggest MatMul of a small LM in float32. A private copy
+    becomes a plain MatMul initializer that every quantizer handles.
+    """
+    import torch
+
+    head = model.get_output_embeddings()
+    emb = model.get_input_embeddings()
+    tied = head is not None and emb is not None and head.weight is emb.weight
+    if tied:
+        head.weight = torch.nn.Parameter(emb.weight.detach().clone())
+    try:
+        yield tied
+    finally:
+        if tied:
+            head.weight = emb.weight
+
+
+def export_causal_lm(loaded, path: Path) -> None:
+    """torch.onnx.export (dynamo) of the KV-cache graph with dynamic batch / seq / past dims."""
+    import torch
+
+    spec = causal_lm_spec(loaded, "onnx", path.name, "fp32")
+    n_layers, kv_heads, head_dim = spec["num_layers"], spec["num_kv_heads"], spec["head_dim"]
+    # Sample sizes above 1 so torch.export does not specialise a dimension to 0 or 1.
+    b, s, p = 2, 3, 5
+    ids = torch.randint(0, spec["vocab_size"], (b, s))
+    mask = torch.ones(b, p + s, dtype=torch.long)
+    pos = torch.arange(p, p + s).expand(b, s)
+    past = tuple(torch.zeros(b, kv_heads, p, head_dim) for _ in range(2 * n_layers))
+    batch, seq, past_len, total = (torch.export.Dim(n) for n in ("batch", "seq", "past", "total"))
+    dynamic_shapes = {
+        "input_ids": {0: batch, 1: seq},
+        "attention_mask": {0: batch, 1: total},
+        "position_ids": {0: batch, 1: seq},
+        "past": tuple({0: batch, 2: past_len} for _ in range(2 * n_layers)),
+    }
+    kv_names = [f"{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    _export(
+        KVCacheWrapper.make(loaded.model), (ids, mask, pos, *past), dynamic_shapes, path,
+        input_names=["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{n}" for n in kv_names],
+        output_names=["logits"] + [f"present.{n}" for n in kv_names],
+    )
+
+
+def export_encoder(loaded, path: Path) -> None:
+    """Encoder graph: input_ids, attention_mask -> last_hidden_state, dynamic batch and sequence."""
+    import torch
+
+    class _Encoder(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    ids = torch.randint(0, loaded.config.vocab_size, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    _export(_Encoder(loaded.model).eval(), (ids, mask),
+            {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}, path,
+            input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"])
+
+
+def _export(module, args, dynamic_shapes, path: Path, input_names, output_names) -> None:
+    import torch
+
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                module, args, dynamo=True, dynamic_shapes=dynamic_shapes, input_names=input_names,
+                output_names=output_names, optimize=True, verbose=False,
+            )
+    except Exception as e:
+        raise ExportFailedError(
+            f"torch.onnx.export failed: {_first_line(e)}",
+            hint="the architecture may use an op or control flow torch.export cannot trace; "
+            "try --format pte, or a transformers version that supports exporting it",
+        ) from None
+    size = sum(t.const_value.nbytes for t in program.model.graph.initializers.values() if t.const_value is not None)
+    program.save(str(path), external_data=size >= _TWO_GB)
+
+
+def _first_line(e: Exception) -> str:
+    lines = [ln for ln in str(e).splitlines() if ln.strip() and "Exception summary" not in ln]
+    summary = [ln for ln in lines if "Error" in ln or "error" in ln]
+    return (summary[-1] if summary else (lines[0] if lines else type(e).__name__)).strip()[:400]
+
+
+class OnnxFormat(Format):
+    name = "onnx"
+    description = "ONNX graph with KV cache for onnxruntime (dynamo exporter)"
+    suffix = ".onnx"
+    recipes = ("fp32", "fp16", "int8-dynamic", "int8-static", "int4-weight")
+    runtime_pip = "onnxruntime"
+
+    def build(self, loaded, recipe: str, options: ExportOptions, out_dir: Path) -> Artifact:
+        """Export fp32 with torch.onnx (dynamo), then apply ``recipe`` with onnxruntime's tools."""
+        from exporter.formats import onnx_quant
+
+        self.check(loaded.kind, recipe)
+        fp32_path = out_dir / (MODEL_FILE if recipe == "fp32" else FP32_FILE)
+        options.progress("exporting ONNX graph (torch.onnx dynamo)")
+        if loaded.kind == "causal-lm":
+            # int8 recipes quantize lm_head too (measured cost is small); int4 keeps it float, as
+            # 4-bit lm_head cost SmolLM2 a further 0.12 of top-1 agreement.
+            untie = recipe in ("int8-dynamic", "int8-static")
+            with untied_output_layer(loaded.model) if untie else contextlib.nullcontext():
+                export_causal_lm(loaded, fp32_path)
+            spec = causal_lm_spec(loaded, "onnx", MODEL_FILE, recipe)
+        else:
+            export_encoder(loaded, fp32_path)
+            spec = encoder_spec(loaded, "onnx", MODEL_FILE, recipe)
+        notes = []
+        if recipe != "fp32":
+            options.progress(f"quantizing ONNX: {recipe}")
+            notes += onnx_quant.apply(recipe, fp32_path, out_dir / MODEL_FILE, loaded, options)
+            for leftover in out_dir.glob(FP32_FILE + "*"):
+                leftover.unlink()
+        files = sorted(p.name for p in out_dir.iterdir() if p.name.startswith("model"))
+        files.remove(MODEL_FILE)
+        return Artifact("onnx", recipe, [MODEL_FILE, *files], spec, notes)
+
+
+register(OnnxFormat())

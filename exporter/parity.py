@@ -1,0 +1,150 @@
+"""The parity gate: the exported artifact, run in its runtime, against the PyTorch reference.
+
+On windows of a real English text (``exporter/data/eval_english.txt``) it compares logits (max / mean
+absolute error, top-1 and top-5 agreement, perplexity of both), and it checks that greedy generation
+of N tokens is identical. Each window is half prefilled, half decoded token by token, so both the
+prefill path and the KV-cache decode path of the artifact are measured.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from .recipes import get_recipe
+from .runtime import EncoderRunner, greedy_generate
+from .texts import eval_text, token_windows
+
+GREEDY_QUESTION = "What is the capital of France?"
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def logit_metrics(ref: np.ndarray, art: np.ndarray, next_ids: np.ndarray | None = None) -> dict:
+    """Compare (n, vocab) logits; ``next_ids[i]`` is the true token after position i (for perplexity)."""
+    ref = np.asarray(ref, np.float32)
+    art = np.asarray(art, np.float32)
+    diff = np.abs(ref - art)
+    top5_ref = np.argsort(-ref, axis=-1)[:, :5]
+    top5_art = np.argsort(-art, axis=-1)[:, :5]
+    overlap = [len(set(a) & set(b)) / 5 for a, b in zip(top5_ref, top5_art)]
+    metrics = {
+        "positions": int(ref.shape[0]),
+        "max_abs_err": float(diff.max()),
+        "mean_abs_err": float(diff.mean()),
+        "top1_agreement": float((ref.argmax(-1) == art.argmax(-1)).mean()),
+        "top5_agreement": float(np.mean(overlap)),
+    }
+    if next_ids is not None and len(next_ids):
+        idx = np.arange(len(next_ids))
+        nll_ref = -log_softmax(ref[: len(next_ids)])[idx, next_ids].mean()
+        nll_art = -log_softmax(art[: len(next_ids)])[idx, next_ids].mean()
+        metrics["ppl_ref"] = float(np.exp(nll_ref))
+        metrics["ppl_art"] = float(np.exp(nll_art))
+        metrics["ppl_rel_change"] = float(np.exp(nll_art - nll_ref) - 1.0)
+    return metrics
+
+
+def reference_logits(model, ids: list[int]) -> np.ndarray:
+    """Full-sequence PyTorch logits (n, vocab) for one sequence, no cache."""
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def artifact_logits(runner, ids: list[int]) -> np.ndarray:
+    """Runner logits: prefill the first half, decode the rest one token at a time."""
+    split = max(1, len(ids) // 2)
+    runner.reset()
+    parts = [runner.forward(ids[:split])]
+    parts += [runner.forward([t]) for t in ids[split:]]
+    return np.concatenate(parts, axis=0)
+
+
+def greedy_prompt(tokenizer) -> list[int]:
+    """A fixed chat prompt (when the tokenizer has a chat template) or the eval text's first words."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": GREEDY_QUESTION}],
+                                            add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return tokenizer(" ".join(eval_text().split()[:24]), add_special_tokens=False)["input_ids"]
+
+
+def reference_greedy(model, prompt: list[int], n: int, eos_ids) -> list[int]:
+    """Greedy tokens from transformers' own generate (with its KV cache)."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=n, do_sample=False, eos_token_id=list(eos_ids) or None,
+                             pad_token_id=(list(eos_ids) or [0])[0])
+    return out[0, len(prompt):].tolist()
+
+
+def evaluate(loaded, runner, recipe: str, window: int = 128, max_windows: int = 3, greedy_tokens: int = 32,
+             progress: Callable[[str], None] = lambda m: None) -> dict:
+    """Parity metrics of ``runner`` against ``loaded.model`` and whether ``recipe``'s thresholds hold."""
+    thresholds = get_recipe(recipe).thresholds
+    if isinstance(runner, EncoderRunner):
+        metrics = _encoder_metrics(loaded, runner, window, max_windows)
+    else:
+        metrics = _causal_metrics(loaded, runner, window, max_windows, greedy_tokens, progress)
+    failures = thresholds.failures(metrics)
+    return {"metrics": metrics, "thresholds": {k: v for k, v in vars(thresholds).items() if v not in (None, False)},
+            "failures": failures, "passed": not failures}
+
+
+def _causal_metrics(loaded, runner, window, max_windows, greedy_tokens, progress) -> dict:
+    if runner.max_context is not None:
+        window = min(window, runner.max_context)
+    windows = token_windows(loaded.tokenizer, eval_text(), window, max_windows)
+    refs, arts, nexts = [], [], []
+    for i, ids in enumerate(windows):
+        progress(f"parity: window {i + 1}/{len(windows)} ({len(ids)} tokens)")
+        refs.append(reference_logits(loaded.model, ids))
+        arts.append(artifact_logits(runner, ids))
+        nexts.append(np.asarray(ids[1:] + [-1]))
+    ref, art, nxt = np.concatenate(refs), np.concatenate(arts), np.concatenate(nexts)
+    keep = nxt >= 0  # the last position of each window has no known next token
+    metrics = logit_metrics(ref, art)
+    metrics.update({k: v for k, v in logit_metrics(ref[keep], art[keep], nxt[keep]).items() if k.startswith("ppl")})
+    metrics["windows"] = len(windows)
+    progress(f"parity: greedy generation of {greedy_tokens} tokens")
+    prompt = greedy_prompt(loaded.tokenizer)
+    eos = runner.spec.get("eos_token_ids", [])
+    expected = reference_greedy(loaded.model, prompt, greedy_tokens, eos)
+    got = greedy_generate(runner, prompt, greedy_tokens, eos)
+    first_diff = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b),
+                      None if len(expected) == len(got) else min(len(expected), len(got)))
+    metrics.update({
+        "greedy_tokens": len(expected),
+        "greedy_identical": first_diff is None,
+        "greedy_first_diff": first_diff,
+        "greedy_reference_text": loaded.tokenizer.decode(expected, skip_special_tokens=True),
+        "greedy_artifact_text": loaded.tokenizer.decode(got, skip_special_tokens=True),
+    })
+    return metrics
+
+
+def _encoder_metrics(loaded, runner, window, max_windows) -> dict:
+    import torch
+
+    windows = token_windows(loaded.tokenizer, eval_text(), min(window, runner.spec.get("max_context") or window),
+                            max_windows)
+    refs, arts = [], []
+    for ids in windows:
+        with torch.no_grad():
+            t = torch.tensor([ids])
+            refs.append(loaded.model(input_ids=t, attention_mask=torch.ones_like(t)).last_hidden_state[0].numpy())
+        arts.append(runner.encode(ids))
+    ref, art = np.concatenate(refs), np.concatenate(arts).astype(np.float32)
+    cos = (ref * art).sum(-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(art, axis=-1) + 1e-12)
+    diff = np.abs(ref - art)
+    return {"positions": int(ref.shape[0]), "max_abs_err": float(diff.max()), "mean_abs_err": float(diff.mean()),
+            "cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()), "windows": len(windows)}

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny model folders (built once per session) and a private model cache."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import make_model_dir  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A function arch -> folder of a tiny random model of that architecture (cached per session)."""
+    made: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in made:
+            made[arch] = make_model_dir(arch, tmp_path_factory.mktemp(f"tiny-{arch}"))
+        return made[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_model_dir):
+    """A function arch -> LoadedModel of the tiny model, loaded through exporter.loading."""
+    from exporter.loading import load_model
+
+    cache: dict = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            cache[arch] = load_model(str(tiny_model_dir(arch)))
+        return cache[arch]
+
+    return get

@@ -1,0 +1,132 @@
+"""ONNX export on tiny random models: every recipe, the KV-cache decode loop, encoders, batching."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from exporter import parity
+from exporter.formats import ExportOptions, get_format
+from exporter.runtime import RUNTIME_SPEC, open_runner
+from exporter.texts import calibration_texts
+
+# Ops that prove the quantizer really rewrote the graph (a silent no-op would still "pass" parity).
+EXPECTED_OPS = {
+    "int8-dynamic": {"DynamicQuantizeMatMul", "MatMulInteger", "DynamicQuantizeLinear"},
+    "int8-static": {"QuantizeLinear", "DequantizeLinear"},
+    "int4-weight": {"MatMulNBits"},
+}
+
+
+def build(loaded, recipe, folder):
+    art = get_format("onnx").build(loaded, recipe, ExportOptions(calibration_texts=calibration_texts()), folder)
+    (folder / RUNTIME_SPEC).write_text(json.dumps(art.spec))
+    return art
+
+
+@pytest.fixture(scope="module")
+def llama_bundles(tiny_loaded, tmp_path_factory):
+    loaded = tiny_loaded("llama")
+    out = {}
+    for recipe in ("fp32", "fp16", "int8-dynamic", "int8-static", "int4-weight"):
+        folder = tmp_path_factory.mktemp(f"onnx-{recipe}")
+        out[recipe] = (build(loaded, recipe, folder), folder)
+    return out
+
+
+@pytest.mark.parametrize("recipe", ["fp32", "fp16", "int8-dynamic", "int8-static", "int4-weight"])
+def test_recipe_passes_parity_gate(llama_bundles, tiny_loaded, recipe):
+    art, folder = llama_bundles[recipe]
+    assert art.files[0] == "model.onnx" and not list(folder.glob("model_fp32*"))
+    ops = {n.op_type for n in onnx.load(str(folder / "model.onnx")).graph.node}
+    if recipe in EXPECTED_OPS:
+        assert ops & EXPECTED_OPS[recipe], f"{recipe} graph has no quantized ops: {sorted(ops)}"
+    if recipe == "fp16":
+        inits = onnx.load(str(folder / "model.onnx")).graph.initializer
+        assert sum(i.data_type == onnx.TensorProto.FLOAT16 for i in inits) > len(inits) // 2
+    result = parity.evaluate(tiny_loaded("llama"), open_runner(folder), recipe, greedy_tokens=16)
+    assert result["passed"], result["failures"]
+    assert result["metrics"]["positions"] > 100
+
+
+def test_quantized_artifacts_are_smaller(llama_bundles):
+    size = {r: (f / "model.onnx").stat().st_size for r, (_, f) in llama_bundles.items()}
+    assert size["fp16"] < 0.8 * size["fp32"]  # tiny model: norms, rotary tables stay fp32
+    # Tiny model: the MLP output projections stay float (outliers), so the ratio is far from 4x.
+    assert size["int8-dynamic"] < 0.9 * size["fp32"]
+    assert size["int4-weight"] < size["int8-dynamic"]
+
+
+def test_outlier_projections_stay_float(llama_bundles):
+    """int8 recipes keep mlp.down_proj float and quantize every other linear layer (lm_head included)."""
+    from exporter.formats.onnx_quant import outlier_nodes
+
+    graph = onnx.load(str(llama_bundles["int8-dynamic"][1] / "model.onnx")).graph
+    float_matmuls = [n for n in graph.node if n.op_type == "MatMul"]
+    int8_matmuls = [n for n in graph.node if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")]
+    assert len(int8_matmuls) == 2 * 6 + 1  # q, k, v, o, gate, up per layer + lm_head
+    assert len(float_matmuls) >= 2  # the down projections (attention may add more)
+
+
+def test_kv_cache_decode_equals_full_forward(llama_bundles, tiny_loaded):
+    loaded = tiny_loaded("llama")
+    ids = loaded.tokenizer("It is a truth universally acknowledged, that a single man")["input_ids"]
+    ref = parity.reference_logits(loaded.model, ids)
+    runner = open_runner(llama_bundles["fp32"][1])
+    stepwise = np.concatenate([runner.forward([t]) for t in ids])
+    np.testing.assert_allclose(stepwise, ref, atol=1e-4)
+    runner.reset()
+    prefill_then_decode = np.concatenate([runner.forward(ids[:5]), *[runner.forward([t]) for t in ids[5:]]])
+    np.testing.assert_allclose(prefill_then_decode, ref, atol=1e-4)
+
+
+def test_dynamic_batch(llama_bundles, tiny_loaded):
+    """The graph takes any batch size: two different rows give each row's own logits."""
+    import onnxruntime as ort
+
+    loaded = tiny_loaded("llama")
+    folder = llama_bundles["fp32"][1]
+    spec = json.loads((folder / RUNTIME_SPEC).read_text())
+    sess = ort.InferenceSession(str(folder / "model.onnx"))
+    ids = np.array([[10, 20, 30, 40], [50, 60, 70, 80]], np.int64)
+    empty = np.zeros((2, spec["num_kv_heads"], 0, spec["head_dim"]), np.float32)
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.tile(np.arange(4), (2, 1))}
+    feed.update({f"past_key_values.{i}.{kv}": empty for i in range(spec["num_layers"]) for kv in ("key", "value")})
+    logits = sess.run(["logits"], feed)[0]
+    for row in range(2):
+        np.testing.assert_allclose(logits[row], parity.reference_logits(loaded.model, ids[row].tolist()), atol=1e-4)
+
+
+@pytest.mark.parametrize("arch,recipe", [("gpt2", "fp32"), ("gpt2", "int8-dynamic"), ("qwen2", "fp32"), ("qwen2", "int4-weight")])
+def test_other_decoder_families(tiny_loaded, tmp_path, arch, recipe):
+    loaded = tiny_loaded(arch)
+    build(loaded, recipe, tmp_path)
+    result = parity.evaluate(loaded, open_runner(tmp_path), recipe, max_windows=1, greedy_tokens=8)
+    assert result["passed"], result["failures"]
+
+
+def test_encoder_export(tiny_loaded, tmp_path):
+    loaded = tiny_loaded("bert")
+    art = build(loaded, "fp32", tmp_path)
+    assert art.spec["kind"] == "encoder"
+    result = parity.evaluate(loaded, open_runner(tmp_path), "fp32", max_windows=1)
+    assert result["passed"] and result["metrics"]["cosine_min"] > 0.9999
+
+
+def test_garbage_logits_fail_the_gate():
+    """The gate rejects logits unrelated to the reference (the silent-garbage class of failure)."""
+    from exporter.recipes import get_recipe
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(64, 100)).astype(np.float32) * 5
+    garbage = rng.normal(size=(64, 100)).astype(np.float32) * 150
+    metrics = parity.logit_metrics(ref, garbage, rng.integers(0, 100, 63))
+    metrics["greedy_identical"] = False
+    metrics["greedy_first_diff"] = 0
+    for recipe in ("fp32", "fp16", "int8-dynamic", "int8-static", "int4-weight"):
+        assert get_recipe(recipe).thresholds.failures(metrics), recipe
+    assert not get_recipe("int4-weight").thresholds.failures(parity.logit_metrics(ref, ref + 0.01, rng.integers(0, 100, 63)))

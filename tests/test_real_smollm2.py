@@ -1,0 +1,41 @@
+"""The real SmolLM2-135M-Instruct, embedded default, end to end through the CLI (offline).
+
+Slow (a few minutes on 2 cores): the GGUF is converted once into the model cache, then exported.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from test_cli import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_rpi_default_bundle_of_the_embedded_model(tmp_path):
+    """`slm-export --target rpi` with no --model: ONNX int8-dynamic, parity gate passed, measured."""
+    out = tmp_path / "rpi"
+    proc = run_cli("--target", "rpi", "--out", out, "--decode-tokens", "16", "--repeats", "1", timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["embedded"] == "smollm2-135m-instruct"
+    assert manifest["model"]["num_parameters"] > 130e6
+    assert (manifest["format"], manifest["recipe"]) == ("onnx", "int8-dynamic")
+    metrics = manifest["parity"]["metrics"]
+    assert manifest["parity"]["passed"], manifest["parity"]["failures"]
+    assert metrics["top1_agreement"] >= 0.75 and 10 < metrics["ppl_ref"] < 60
+    assert "Paris" in metrics["greedy_reference_text"]
+    assert manifest["latency"]["latency"]["decode_tok_s"] > 1
+    assert manifest["artifact"]["bytes"] < 0.5 * 540e6  # int8 is well under the 540 MB fp32 graph
+
+
+def test_fp32_export_generates_identical_greedy_tokens(tmp_path):
+    out = tmp_path / "host"
+    proc = run_cli("--target", "host", "--format", "onnx", "--recipe", "fp32", "--out", out, "--no-latency", timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "manifest.json").read_text())["parity"]["metrics"]
+    assert metrics["greedy_identical"] and metrics["top1_agreement"] == 1.0
+    assert metrics["max_abs_err"] < 1e-2
+    assert "Paris" in metrics["greedy_artifact_text"]
