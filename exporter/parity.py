@@ -14,40 +14,10 @@ import numpy as np
 
 from .recipes import get_recipe
 from .runtime import EncoderRunner, greedy_generate
+from .runtime.metrics import logit_metrics  # noqa: F401  (shared with the device-side runner)
 from .texts import eval_text, token_windows
 
 GREEDY_QUESTION = "What is the capital of France?"
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
-
-
-def logit_metrics(ref: np.ndarray, art: np.ndarray, next_ids: np.ndarray | None = None) -> dict:
-    """Compare (n, vocab) logits; ``next_ids[i]`` is the true token after position i (for perplexity)."""
-    ref = np.asarray(ref, np.float32)
-    art = np.asarray(art, np.float32)
-    diff = np.abs(ref - art)
-    top5_ref = np.argsort(-ref, axis=-1)[:, :5]
-    top5_art = np.argsort(-art, axis=-1)[:, :5]
-    overlap = [len(set(a) & set(b)) / 5 for a, b in zip(top5_ref, top5_art)]
-    metrics = {
-        "positions": int(ref.shape[0]),
-        "max_abs_err": float(diff.max()),
-        "mean_abs_err": float(diff.mean()),
-        "top1_agreement": float((ref.argmax(-1) == art.argmax(-1)).mean()),
-        "top5_agreement": float(np.mean(overlap)),
-    }
-    if next_ids is not None and len(next_ids):
-        idx = np.arange(len(next_ids))
-        nll_ref = -log_softmax(ref[: len(next_ids)])[idx, next_ids].mean()
-        nll_art = -log_softmax(art[: len(next_ids)])[idx, next_ids].mean()
-        metrics["ppl_ref"] = float(np.exp(nll_ref))
-        metrics["ppl_art"] = float(np.exp(nll_art))
-        metrics["ppl_rel_change"] = float(np.exp(nll_art - nll_ref) - 1.0)
-    return metrics
 
 
 def reference_logits(model, ids: list[int]) -> np.ndarray:
@@ -85,6 +55,35 @@ def reference_greedy(model, prompt: list[int], n: int, eos_ids) -> list[int]:
                              max_new_tokens=n, do_sample=False, eos_token_id=list(eos_ids) or None,
                              pad_token_id=(list(eos_ids) or [0])[0])
     return out[0, len(prompt):].tolist()
+
+
+REFERENCE_FILE = "parity_reference.npz"
+
+
+def write_reference(loaded, path, window: int = 64, greedy_tokens: int = 16) -> None:
+    """Ship expected outputs with the bundle (like ExecuTorch's BundledProgram) for on-device checks.
+
+    Holds one eval window's token ids and PyTorch logits (float16 to keep it small), and a greedy
+    prompt with the reference's greedy tokens. ``exporter.runtime.main --parity`` compares against it.
+    """
+    if loaded.kind != "causal-lm":
+        ids = token_windows(loaded.tokenizer, eval_text(), window, 1)[0]
+        import torch
+
+        with torch.no_grad():
+            t = torch.tensor([ids])
+            hidden = loaded.model(input_ids=t, attention_mask=torch.ones_like(t)).last_hidden_state[0].numpy()
+        np.savez_compressed(path, ids=np.asarray(ids, np.int64), hidden=hidden.astype(np.float16))
+        return
+    ids = token_windows(loaded.tokenizer, eval_text(), window, 1)[0]
+    prompt = greedy_prompt(loaded.tokenizer)
+    eos = loaded.model.generation_config.eos_token_id
+    eos = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+    np.savez_compressed(
+        path, ids=np.asarray(ids, np.int64), logits=reference_logits(loaded.model, ids).astype(np.float16),
+        greedy_prompt=np.asarray(prompt, np.int64),
+        greedy_expected=np.asarray(reference_greedy(loaded.model, prompt, greedy_tokens, eos), np.int64),
+    )
 
 
 def evaluate(loaded, runner, recipe: str, window: int = 128, max_windows: int = 3, greedy_tokens: int = 32,

@@ -160,3 +160,14 @@ def test_interrupt_leaves_no_half_bundle(tiny_model_dir, tmp_path):
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted" in err and "Traceback" not in err
     assert not out.exists() and not list(tmp_path.glob(".b.*"))
+
+
+def test_device_runner_checks_shipped_reference(rpi_bundle):
+    """The device-side runner alone (numpy + onnxruntime) re-checks parity from the bundle's reference."""
+    out, _ = rpi_bundle
+    proc = subprocess.run([sys.executable, "-m", "exporter.runtime.main", str(out), "--parity", "--decode-tokens", "4",
+                           "--repeats", "1"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["parity"]["top1_agreement"] >= 0.8 and result["parity"]["greedy_identical"] in (True, False)
+    assert result["runtime"] == "onnxruntime" and result["device"]["cpu_count"] >= 1

@@ -1,6 +1,6 @@
 """Run a bundle here and print one JSON result: load time, latency figures, peak RSS, runtime, device.
 
-    python -m exporter.runtime.main BUNDLE_DIR [--decode-tokens N] [--repeats R] [--threads T]
+    python -m exporter.runtime.main BUNDLE_DIR [--decode-tokens N] [--repeats R] [--threads T] [--parity]
 
 The host latency check runs this in a fresh process (so peak RSS is the runtime's alone), and the
 device adapters run the same file on the device.
@@ -60,7 +60,41 @@ def device_identity() -> dict:
     return ident
 
 
-def run(bundle_dir: Path, decode_tokens: int, repeats: int, warmup: int, threads: int | None) -> dict:
+REFERENCE_FILE = "parity_reference.npz"
+
+
+def check_parity(runner, bundle_dir: Path) -> dict | None:
+    """Compare this runtime's outputs with the reference outputs shipped in the bundle."""
+    import numpy as np
+
+    from .base import greedy_generate
+    from .metrics import logit_metrics
+
+    path = Path(bundle_dir) / REFERENCE_FILE
+    if not path.exists():
+        return None
+    ref = np.load(path)
+    ids = ref["ids"].tolist()
+    if isinstance(runner, EncoderRunner):
+        art = runner.encode(ids).astype(np.float32)
+        exp = ref["hidden"].astype(np.float32)
+        cos = (art * exp).sum(-1) / (np.linalg.norm(art, axis=-1) * np.linalg.norm(exp, axis=-1) + 1e-12)
+        return {"positions": len(ids), "max_abs_err": float(np.abs(art - exp).max()), "cosine_min": float(cos.min())}
+    split = max(1, len(ids) // 2)
+    runner.reset()
+    parts = [runner.forward(ids[:split])] + [runner.forward([t]) for t in ids[split:]]
+    metrics = logit_metrics(ref["logits"].astype(np.float32), np.concatenate(parts), np.asarray(ids[1:]))
+    expected = ref["greedy_expected"].tolist()
+    got = greedy_generate(runner, ref["greedy_prompt"].tolist(), len(expected), runner.spec.get("eos_token_ids", []))
+    metrics["greedy_identical"] = got == expected
+    metrics["greedy_first_diff"] = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), None)
+    # The reference logits are stored as float16: errors below ~1e-2 are at that storage precision.
+    metrics["reference_precision"] = "float16"
+    return metrics
+
+
+def run(bundle_dir: Path, decode_tokens: int, repeats: int, warmup: int, threads: int | None,
+        parity: bool = False) -> dict:
     spec = read_spec(bundle_dir)
     t0 = time.perf_counter()
     runner = open_runner(bundle_dir, spec, threads=threads)
@@ -71,8 +105,10 @@ def run(bundle_dir: Path, decode_tokens: int, repeats: int, warmup: int, threads
     else:
         latency = measure_latency(runner, prompt, decode_tokens=decode_tokens, warmup=warmup, repeats=repeats)
     latency["load_s"] = load_s
+    parity_metrics = check_parity(runner, bundle_dir) if parity else None
     latency["peak_rss_mb"] = peak_rss_mb()
     return {
+        "parity": parity_metrics,
         "format": spec["format"],
         "runtime": runner.runtime_name,
         "runtime_version": runner.runtime_version,
@@ -89,9 +125,10 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--parity", action="store_true", help="also compare with the bundle's reference outputs")
     args = ap.parse_args(argv)
     try:
-        result = run(args.bundle, args.decode_tokens, args.repeats, args.warmup, args.threads)
+        result = run(args.bundle, args.decode_tokens, args.repeats, args.warmup, args.threads, args.parity)
     except RunnerError as e:
         print(json.dumps({"error": str(e)}))
         return 2
