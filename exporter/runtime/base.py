@@ -101,9 +101,20 @@ def greedy_generate(runner: CausalLMRunner, prompt_ids: Sequence[int], max_new_t
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MB (Linux reports ru_maxrss in KiB)."""
+    """Peak resident memory of this process in MB.
+
+    Linux's VmHWM first: ru_maxrss survives fork + exec, so a runner started from a big parent (the
+    exporter holding PyTorch) would report the parent's peak instead of its own.
+    """
     import resource
     import sys
+
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
