@@ -156,6 +156,53 @@ def _run_guarded(fn, debug: bool) -> None:
         sys.exit(1)
 
 
+@cli.group()
+def farm():
+    """Deploy bundles to a farm of devices (ssh / local) and check them there."""
+
+
+@farm.command("run")
+@click.argument("farm_file", metavar="FARM", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--bundle", "bundles", multiple=True, required=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="Bundle folder written by slm-export (repeat for several).")
+@click.option("--device", "devices", multiple=True, help="Only this device of the farm file (repeatable).")
+@click.option("--junit", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Write JUnit XML here.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Write the JSON report here.")
+@click.option("--html", "html_path", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Write the HTML report (with plots) here.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def farm_run(farm_file, bundles, devices, junit, json_path, html_path, debug):
+    """Deploy and check every bundle on every device of FARM, in parallel; exit 4 if any device failed or is down."""
+    _run_guarded(lambda: _farm_run(farm_file, bundles, devices, junit, json_path, html_path), debug)
+
+
+def _farm_run(farm_file, bundles, devices, junit, json_path, html_path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import farm as farm_mod
+    from .errors import DeviceError
+
+    console = Console(stderr=True)
+    start = time.perf_counter()
+    farm_def = farm_mod.load_farm(farm_file)
+    reports = farm_mod.run_farm(farm_def, list(bundles), only=list(devices) or None,
+                                progress=lambda m: console.print(f"[dim]{time.perf_counter() - start:7.1f}s[/dim] {m}"))
+    farm_mod.write_reports(reports, farm_def, junit=junit, json_path=json_path, html_path=html_path)
+    table = Table(title=f"farm {farm_file}")
+    for col in ("device", "target", "status", "checks", "reason"):
+        table.add_column(col, overflow="fold")
+    for r in reports:
+        counts = {}
+        for _, c in r.all_checks():
+            counts[c.status] = counts.get(c.status, 0) + 1
+        table.add_row(r.name, r.target, r.status, ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), r.reason)
+    Console(width=160).print(table)
+    bad = [r.name for r in reports if r.status != "passed"]
+    if bad:
+        raise DeviceError(f"{len(bad)} of {len(reports)} devices did not pass: {', '.join(bad)}",
+                          hint="see the reasons above" + (f" and {html_path}" if html_path else ""))
+
+
 def main() -> None:
     cli()
 
