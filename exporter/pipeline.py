@@ -66,6 +66,9 @@ def resolve(req: ExportRequest) -> tuple:
 
 def run(req: ExportRequest, progress: Callable[[str], None] = lambda m: None) -> dict:
     """Export, check and measure; publish the bundle at ``req.out``; return its manifest."""
+    target = get_target(req.target)
+    if target.custom_pipeline is not None:
+        return target.custom_pipeline(req, progress)
     target, fmt, recipe = resolve(req)
     bundle.check_out_dir(req.out, req.force)
     calib = calibration_texts(req.calibration) if get_recipe(recipe).calibrated else []

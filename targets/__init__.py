@@ -49,6 +49,9 @@ class Target:
     # Optional hook (loaded, staging_dir, runtime_spec) -> None that adds files an app on this
     # target expects beside the artifact (e.g. the ExecuTorch Android demo app's JSON).
     bundle_extras: Callable | None = None
+    # Optional hook (ExportRequest, progress) -> manifest for targets whose flow differs from
+    # load -> export -> ... (the microcontroller target distils its own small model first).
+    custom_pipeline: Callable | None = None
 
     @property
     def default_format(self) -> str:
