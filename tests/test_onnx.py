@@ -57,19 +57,18 @@ def test_quantized_artifacts_are_smaller(llama_bundles):
     size = {r: (f / "model.onnx").stat().st_size for r, (_, f) in llama_bundles.items()}
     assert size["fp16"] < 0.8 * size["fp32"]  # tiny model: norms, rotary tables stay fp32
     # Tiny model: the MLP output projections stay float (outliers), so the ratio is far from 4x.
-    assert size["int8-dynamic"] < 0.9 * size["fp32"]
+    assert size["int8-dynamic"] < 0.8 * size["fp32"]  # tiny: scales dominate; SmolLM2: 0.26 (143 of 540 MB)
     assert size["int4-weight"] < size["int8-dynamic"]
 
 
 def test_outlier_projections_stay_float(llama_bundles):
-    """int8 recipes keep mlp.down_proj float and quantize every other linear layer (lm_head included)."""
-    from exporter.formats.onnx_quant import outlier_nodes
-
+    """int8-dynamic: every linear layer has int8 weights; mlp.down_proj keeps float activations."""
     graph = onnx.load(str(llama_bundles["int8-dynamic"][1] / "model.onnx")).graph
-    float_matmuls = [n for n in graph.node if n.op_type == "MatMul"]
     int8_matmuls = [n for n in graph.node if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")]
+    weight_only = [n for n in graph.node if n.op_type == "MatMulNBits"]
     assert len(int8_matmuls) == 2 * 6 + 1  # q, k, v, o, gate, up per layer + lm_head
-    assert len(float_matmuls) >= 2  # the down projections (attention may add more)
+    assert len(weight_only) == 2  # the down projections
+    assert all(next(a.i for a in n.attribute if a.name == "bits") == 8 for n in weight_only)
 
 
 def test_kv_cache_decode_equals_full_forward(llama_bundles, tiny_loaded):

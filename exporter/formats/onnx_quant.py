@@ -52,14 +52,40 @@ def _fp16(src: Path, dst: Path, loaded, options):
 def _int8_dynamic(src: Path, dst: Path, loaded, options):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    # Per-channel signed int8 weights for MatMul/Gemm with constant weights; activations are
-    # quantized per call. Attention's activation x activation MatMuls stay float.
+    # Per-channel signed int8 weights for MatMul/Gemm with constant weights and int8 embedding
+    # tables (Gather); activations are quantized per call. Attention's activation x activation
+    # MatMuls stay float. The outlier projections get int8 weights with float activations instead.
     skip = outlier_nodes(src)
-    quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8,
-                     op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=skip,
+    staged = dst.with_name(dst.name + ".dyn")
+    quantize_dynamic(str(src), str(staged), per_channel=True, weight_type=QuantType.QInt8,
+                     op_types_to_quantize=["MatMul", "Gemm", "Gather"], nodes_to_exclude=skip,
                      extra_options={"MatMulConstBOnly": True})
-    return ["int8 per-channel weights (MatMul/Gemm), dynamic int8 activations",
-            f"{len(skip)} MLP output projections kept float32 (activation outliers)"]
+    try:
+        _weight_only(staged, dst, bits=8, block_size=options.group_size, nodes=skip)
+    finally:
+        staged.unlink(missing_ok=True)
+    return ["int8 per-channel weights and int8 embeddings, dynamic int8 activations",
+            f"{len(skip)} MLP output projections: int8 weights, float activations (activation outliers)"]
+
+
+def _weight_only(src: Path, dst: Path, bits: int, block_size: int, nodes: list[str] | None = None,
+                 accuracy_level: int = 0) -> None:
+    """MatMulNBits weight-only quantization of ``nodes`` (all constant-weight MatMuls when None)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    model = onnx.load(str(src))
+    if nodes is not None and not nodes:
+        onnx.save(model, str(dst))
+        return
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True,
+                                          accuracy_level=accuracy_level, bits=bits)
+    quantizer = MatMulNBitsQuantizer(model, algo_config=config, nodes_to_include=nodes)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
 
 
 def _int8_static(src: Path, dst: Path, loaded, options):
@@ -69,26 +95,26 @@ def _int8_static(src: Path, dst: Path, loaded, options):
         raise UnsupportedRecipeError("int8-static for ONNX is implemented for causal LMs only")
     reader = _CalibrationReader(loaded, options)
     skip = outlier_nodes(src)
+    staged = dst.with_name(dst.name + ".qdq")
     # Only MatMul/Gemm are quantized: the additive attention mask (finfo.min) and softmax stay
     # float, since their ranges would wreck a per-tensor int8 scale.
     quantize_static(
-        str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+        str(src), str(staged), reader, quant_format=QuantFormat.QDQ, per_channel=True,
         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
         op_types_to_quantize=["MatMul", "Gemm"], calibrate_method=CalibrationMethod.MinMax,
         nodes_to_exclude=skip, extra_options={"ActivationSymmetric": True, "MatMulConstBOnly": True},
     )
+    try:
+        _weight_only(staged, dst, bits=8, block_size=options.group_size, nodes=skip)
+    finally:
+        staged.unlink(missing_ok=True)
     return [f"QDQ int8 weights and activations, calibrated on {reader.count} windows of {reader.window} tokens",
-            f"{len(skip)} MLP output projections kept float32 (activation outliers)"]
+            f"{len(skip)} MLP output projections: int8 weights, float activations (activation outliers)"]
 
 
 def _int4_weight(src: Path, dst: Path, loaded, options):
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=options.group_size, is_symmetric=True,
-                                     accuracy_level=4)
-    quantizer.process()
-    quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
+    # accuracy_level 4: int8 compute on blocks of activations, the fast path of MatMulNBits on CPU.
+    _weight_only(src, dst, bits=4, block_size=options.group_size, accuracy_level=4)
     return [f"4-bit MatMulNBits weights, block {options.group_size}, int8 compute (accuracy_level 4)"]
 
 

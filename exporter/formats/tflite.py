@@ -1,0 +1,298 @@
+"""TFLite / LiteRT: a multi-signature .tflite converted with litert-torch, run by ai-edge-litert.
+
+litert-torch cannot convert a dynamic sequence length, so a causal LM is exported the way LiteRT's
+own generative examples do it: fixed-shape signatures sharing one set of weights,
+
+  ``prefill_<N>`` for each N in ``ExportOptions.prefill_lengths``: ``tokens`` (1, N) int32 (a prompt
+  padded to N), ``input_pos`` (N,) int32 (its positions, consecutive), the KV cache ``k_<i>``/``v_<i>``
+  (1, kv_heads, max_context, head_dim) per layer; outputs ``logits`` (1, N, vocab) and the updated cache;
+  ``decode``: the same with one token.
+
+The cache is a static buffer of ``max_context`` slots written at ``input_pos`` with a dynamic-update-
+slice; the attention mask is built inside the graph from ``input_pos`` (slot j is visible to a query
+at position p iff j <= p), so padded prompt tokens are never seen by real ones and their slots are
+overwritten by the next real tokens. Encoders get one ``encode`` signature of a fixed length padded
+with an attention mask. Quantization (``tflite_quant``) runs on the converted flatbuffer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from exporter.errors import ExportFailedError, SlmExportError
+from exporter.formats import Artifact, ExportOptions, Format, causal_lm_spec, encoder_spec, register
+
+MODEL_FILE = "model.tflite"
+TOKENS, INPUT_POS, LOGITS = "tokens", "input_pos", "logits"
+ENCODER_SIGNATURE = "encode"
+
+
+# ---------------------------------------------------------------- torch wrappers
+
+
+def _explicit_cache_classes():
+    """The cache layer and the wrapper module (built lazily so importing this file needs no torch).
+
+    Why a wrapper instead of transformers' StaticCache / TorchExportableModuleWithStaticCache: those
+    keep the cache as module buffers mutated in place (``index_copy_``), which a converted .tflite
+    cannot hold across signature calls; LiteRT wants the cache as plain inputs and outputs. So each
+    call builds a transformers ``Cache`` whose layers wrap the cache tensors it was given and update
+    them out of place with ``tfl.dynamic_update_slice`` (litert-torch's own KV-cache op), and the
+    wrapper returns the updated tensors as outputs.
+    """
+    import torch
+    from litert_torch.generative.custom_ops.dynamic_update_slice import dynamic_update_slice
+    from transformers.cache_utils import Cache, CacheLayerMixin
+
+    class ExplicitCacheLayer(CacheLayerMixin):
+        """One layer's (keys, values) static buffers, written at ``start`` out of place."""
+
+        is_compileable = True
+        is_sliding = False
+
+        def __init__(self, keys, values, start):
+            super().__init__()
+            self.keys, self.values, self.start = keys, values, start
+            self.is_initialized = True
+
+        def lazy_initialization(self, key_states, value_states) -> None:  # buffers are given
+            pass
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            zero = torch.zeros_like(self.start)
+            # (batch, kv_heads, slot, head_dim): the new tokens go to slots start..start+n-1.
+            index = [zero, zero, self.start, zero]
+            self.keys = dynamic_update_slice(self.keys, key_states.to(self.keys.dtype), index)
+            self.values = dynamic_update_slice(self.values, value_states.to(self.values.dtype), index)
+            return self.keys, self.values
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return self.keys.shape[2], 0
+
+        def get_seq_length(self) -> int:
+            return 0  # positions are always given explicitly (position_ids)
+
+        def get_max_length(self) -> int:
+            return self.keys.shape[2]
+
+    class CausalLMWithExplicitCache(torch.nn.Module):
+        """``forward(tokens, input_pos, k_0, v_0, ...) -> {logits, k_0, v_0, ...}`` over an HF causal LM."""
+
+        def __init__(self, model, num_layers: int):
+            super().__init__()
+            self.model = model
+            self.num_layers = num_layers
+
+        def forward(self, tokens, input_pos, **cache):
+            slots = cache["k_0"].shape[2]
+            layers = [ExplicitCacheLayer(cache[f"k_{i}"], cache[f"v_{i}"], input_pos[0])
+                      for i in range(self.num_layers)]
+            # A boolean 4-D mask is passed through by transformers as-is: no finfo.min additive
+            # constant enters the graph, which keeps activation ranges sane for static quantization.
+            visible = torch.arange(slots, dtype=input_pos.dtype)[None, :] <= input_pos[:, None]
+            out = self.model(input_ids=tokens, position_ids=input_pos[None], attention_mask=visible[None, None],
+                             past_key_values=Cache(layers=layers), use_cache=True)
+            result = {LOGITS: out.logits}
+            for i, layer in enumerate(layers):
+                result[f"k_{i}"] = layer.keys
+                result[f"v_{i}"] = layer.values
+            return result
+
+    return CausalLMWithExplicitCache
+
+
+def _encoder_module(model):
+    import torch
+
+    class EncoderWithMask(torch.nn.Module):
+        """``forward(input_ids, attention_mask) -> {last_hidden_state}`` of a padded fixed-length input."""
+
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+            return {"last_hidden_state": out.last_hidden_state}
+
+    return EncoderWithMask().eval()
+
+
+# ---------------------------------------------------------------- conversion
+
+
+def causal_plan(loaded, options: ExportOptions) -> tuple[int, list[int], list[str]]:
+    """(max_context, prefill lengths, notes) after fitting the options to the model's limits."""
+    text_cfg = loaded.config.get_text_config()
+    notes = []
+    limit = getattr(text_cfg, "max_position_embeddings", None) or getattr(text_cfg, "n_positions", None)
+    max_context = int(options.max_context)
+    if max_context < 2:
+        raise SlmExportError(f"max_context {max_context} is too small", hint="use --max-context 64 or more")
+    if limit and max_context > limit:
+        notes.append(f"max_context lowered from {max_context} to the model's {limit} positions")
+        max_context = int(limit)
+    lengths = sorted({int(n) for n in options.prefill_lengths if 1 < int(n) <= max_context})
+    dropped = sorted({int(n) for n in options.prefill_lengths} - set(lengths))
+    if dropped:
+        notes.append(f"prefill lengths {dropped} dropped (each must be in 2..max_context={max_context})")
+    if not lengths:  # every requested length exceeds the context: one prefill of the whole context
+        lengths = [max_context]
+        notes.append(f"prefill signature of {max_context} tokens (the whole context) used instead")
+    return max_context, lengths, notes
+
+
+@contextlib.contextmanager
+def _quiet_converter():
+    """Silence litert-torch's rich progress log (the CLI reports stages through ``options.progress``)."""
+    key = "LITERT_TORCH_SHOW_PROGRESS"
+    old = os.environ.get(key)
+    os.environ[key] = "n"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+def convert_causal_lm(loaded, max_context: int, prefill_lengths: list[int], model=None) -> bytes:
+    """fp32 .tflite bytes with ``prefill_<N>`` and ``decode`` signatures over an explicit KV cache.
+
+    ``model`` replaces ``loaded.model`` (a numerically equivalent copy prepared for a recipe)."""
+    import torch
+
+    spec = causal_lm_spec(loaded, "tflite", MODEL_FILE, "fp32")
+    wrapper = _explicit_cache_classes()(model if model is not None else loaded.model, spec["num_layers"]).eval()
+    cache = {}
+    for i in range(spec["num_layers"]):
+        for kv in "kv":
+            cache[f"{kv}_{i}"] = torch.zeros(1, spec["num_kv_heads"], max_context, spec["head_dim"])
+
+    def sample(n: int) -> dict:
+        return {TOKENS: torch.zeros(1, n, dtype=torch.int32), INPUT_POS: torch.arange(n, dtype=torch.int32), **cache}
+
+    import litert_torch
+
+    converter = litert_torch.Converter()
+    for n in prefill_lengths:
+        converter.signature(f"prefill_{n}", wrapper, sample_kwargs=sample(n))
+    converter.signature("decode", wrapper, sample_kwargs=sample(1))
+    return _run_converter(converter, loaded)
+
+
+def convert_encoder(loaded, length: int) -> bytes:
+    """fp32 .tflite bytes with one ``encode`` signature of ``length`` padded tokens."""
+    import litert_torch
+    import torch
+
+    sample = {"input_ids": torch.zeros(1, length, dtype=torch.int32),
+              "attention_mask": torch.ones(1, length, dtype=torch.int32)}
+    module = _encoder_module(loaded.model)
+    converter = litert_torch.Converter().signature(ENCODER_SIGNATURE, module, sample_kwargs=sample)
+    return _run_converter(converter, loaded)
+
+
+def _run_converter(converter, loaded) -> bytes:
+    import torch
+
+    try:
+        with _quiet_converter(), torch.no_grad():
+            return bytes(converter.convert().model_content())
+    except Exception as e:  # litert-torch raises torch.export, MLIR and converter errors of many types
+        raise ExportFailedError(
+            f"litert-torch could not convert this {loaded.config.model_type} model: {condense_error(e)}",
+            hint="an op or control flow of this architecture has no LiteRT lowering; try --format onnx "
+            "or --format pte, or a litert-torch release that supports it",
+        ) from None
+
+
+def condense_error(e: Exception, limit: int = 400) -> str:
+    """The informative part of a converter exception in one line (MLIR errors put it on line 2)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    picked = [ln for ln in lines if "error" in ln.lower() and not ln.lower().startswith("verification failed")]
+    text = picked[0] if picked else lines[0]
+    if len(lines) > 1 and text == lines[0] and text.endswith(":"):
+        text = f"{text} {lines[1]}"
+    # MLIR locations repeat long module paths; keep the message, not the location.
+    if '"): ' in text:
+        text = text.split('"): ', 1)[1]
+    return f"{type(e).__name__}: {text}"[:limit]
+
+
+# ---------------------------------------------------------------- the format
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("litert-torch", "ai-edge-quantizer", "ai-edge-litert"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+class TFLiteFormat(Format):
+    name = "tflite"
+    description = "LiteRT .tflite (litert-torch): prefill/decode signatures with an explicit KV cache"
+    suffix = ".tflite"
+    recipes = ("fp32", "fp16", "int8-dynamic", "int8-static", "int4-weight")
+    runtime_pip = "ai-edge-litert"
+
+    def build(self, loaded, recipe: str, options: ExportOptions, out_dir: Path) -> Artifact:
+        """Convert with litert-torch (fp32), then apply ``recipe`` with ai-edge-quantizer."""
+        from exporter.formats import tflite_quant
+
+        self.check(loaded.kind, recipe)
+        tflite_quant.check_options(recipe, loaded, options)  # refuse before the slow conversion
+        if loaded.kind == "causal-lm":
+            fp32, spec, notes = self._convert_causal(loaded, recipe, options)
+        else:
+            fp32, spec, notes = self._convert_encoder(loaded, recipe, options)
+        data = fp32
+        if recipe != "fp32":
+            options.progress(f"quantizing with ai-edge-quantizer: {recipe}")
+            data, quant_notes = tflite_quant.apply(recipe, fp32, spec, loaded, options)
+            notes += quant_notes
+        (Path(out_dir) / MODEL_FILE).write_bytes(data)
+        spec["converter"] = _versions()
+        return Artifact("tflite", recipe, [MODEL_FILE], spec, notes)
+
+    @staticmethod
+    def _convert_causal(loaded, recipe: str, options: ExportOptions) -> tuple[bytes, dict, list[str]]:
+        from exporter.formats import tflite_quant
+
+        max_context, lengths, notes = causal_plan(loaded, options)
+        model, prep_notes = tflite_quant.prepare_model(recipe, loaded, options)
+        notes += prep_notes
+        options.progress(f"converting to LiteRT (litert-torch): prefill {lengths} + decode, context {max_context}")
+        fp32 = convert_causal_lm(loaded, max_context, lengths, model)
+        num_layers = loaded.config.get_text_config().num_hidden_layers
+        spec = causal_lm_spec(
+            loaded, "tflite", MODEL_FILE, recipe, max_context=max_context, prefill_lengths=lengths,
+            signatures={**{f"prefill_{n}": n for n in lengths}, "decode": 1},
+            token_input=TOKENS, position_input=INPUT_POS, logits_output=LOGITS,
+            cache_names=[f"{kv}_{i}" for i in range(num_layers) for kv in "kv"], pad_token_id=0,
+        )
+        return fp32, spec, notes
+
+    @staticmethod
+    def _convert_encoder(loaded, recipe: str, options: ExportOptions) -> tuple[bytes, dict, list[str]]:
+        length = min(int(options.max_context), int(getattr(loaded.config, "max_position_embeddings", 512)))
+        options.progress(f"converting to LiteRT (litert-torch): encode signature of {length} tokens")
+        fp32 = convert_encoder(loaded, length)
+        pad = loaded.tokenizer.pad_token_id
+        spec = encoder_spec(loaded, "tflite", MODEL_FILE, recipe, max_context=length,
+                            signature=ENCODER_SIGNATURE, pad_token_id=int(pad) if pad is not None else 0)
+        return fp32, spec, []
+
+
+register(TFLiteFormat())

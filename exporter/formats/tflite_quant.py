@@ -1,0 +1,298 @@
+"""The TFLite recipe family: ai-edge-quantizer recipes applied to the converted fp32 flatbuffer.
+
+  fp16          fp16 weights (FLOAT_CASTING), dequantized to float32 at load; compute stays float32
+  int8-dynamic  per-channel int8 weights, activations quantized on the fly by the kernels
+                (ai-edge-quantizer's ``dynamic_wi8_afp32``)
+  int8-static   SmoothQuant-smoothed model; per-channel int8 weights and int8 activations calibrated
+                on text, on the FULLY_CONNECTED ops only (see ``_int8_static``)
+  int4-weight   blockwise 4-bit weights (block = ``ExportOptions.group_size``), dynamic activations
+                (``dynamic_wi4b<group>_afp32``); MLP down projections int8
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+
+import numpy as np
+
+from exporter.errors import SlmExportError, UnsupportedRecipeError
+
+_BLOCK_SIZES = (32, 64, 128, 256)  # the block sizes ai-edge-quantizer's QuantGranularity offers
+_DECODE_STEPS_PER_WINDOW = 4
+# MLP down projections: Llama-style ``down_proj``, GPT-2's ``mlp.c_proj`` (matched in TFLite tensor names).
+_MLP_DOWN = r"down_proj|MLP_mlp/.*c_proj"
+
+
+def check_options(recipe: str, loaded, options) -> None:
+    """Refuse, before conversion, options this recipe family cannot honour."""
+    if recipe == "int4-weight" and options.group_size not in _BLOCK_SIZES:
+        raise UnsupportedRecipeError(
+            f"tflite int4-weight cannot use group size {options.group_size}",
+            hint=f"ai-edge-quantizer offers blocks of {', '.join(map(str, _BLOCK_SIZES))}; e.g. --group-size 32",
+        )
+    if recipe == "int8-static" and not options.calibration_texts:
+        raise SlmExportError("int8-static needs calibration text; none was given",
+                             hint="pass --calibration FILE or use the built-in sample")
+
+
+def apply(recipe: str, fp32: bytes, spec: dict, loaded, options) -> tuple[bytes, list[str]]:
+    """``fp32`` quantized with ``recipe``; returns (flatbuffer bytes, notes for the report)."""
+    from ai_edge_quantizer import quantizer
+
+    rp, notes, calibrate = _RECIPES[recipe](spec, options)
+    try:
+        with _quiet():
+            q = quantizer.Quantizer(bytearray(fp32), rp)
+            result = None
+            if calibrate:
+                data = calibration_data(fp32, spec, loaded, options)
+                result = q.calibrate(data, num_threads=os.cpu_count() or 1)
+            out = q.quantize(result, enable_progress_bar=False, enable_progress_report=False).quantized_model
+    except SlmExportError:
+        raise
+    except Exception as e:  # ai-edge-quantizer raises ValueError/RuntimeError on ops it cannot handle
+        from exporter.formats.tflite import condense_error
+
+        raise UnsupportedRecipeError(
+            f"ai-edge-quantizer cannot apply {recipe} to this {spec.get('model_type')} model: {condense_error(e)}",
+            hint="try another recipe (int8-dynamic and fp16 quantize only weights and are the most robust)",
+        ) from None
+    return bytes(out), notes
+
+
+# ---------------------------------------------------------------- recipes
+
+
+def _manager():
+    from ai_edge_quantizer import recipe_manager
+
+    return recipe_manager.RecipeManager()
+
+
+def _fp16(spec, options):
+    from ai_edge_quantizer import algorithm_manager, qtyping
+
+    rm = _manager()
+    rm.add_weight_only_config(".*", qtyping.TFLOperationName.ALL_SUPPORTED, num_bits=16,
+                              algorithm_key=algorithm_manager.AlgorithmName.FLOAT_CASTING)
+    return rm.get_quantization_recipe(), ["fp16 weights; compute, inputs, outputs (and a KV cache) stay float32"], False
+
+
+def _int8_dynamic(spec, options):
+    from ai_edge_quantizer import recipe
+
+    return recipe.dynamic_wi8_afp32(), ["int8 per-channel weights, activations quantized at run time"], False
+
+
+def _int4_weight(spec, options):
+    from ai_edge_quantizer import qtyping
+
+    rm = _manager()
+    # Weight-only blockwise int4 is a no-op in ai-edge-quantizer 0.10 (measured: the flatbuffer
+    # comes back unchanged), so 4-bit blocks are applied with dynamic activations, as on XNNPACK.
+    # Embedding and LM head share the 4-bit blocks (one buffer when tied).
+    rm.add_dynamic_config(".*", qtyping.TFLOperationName.ALL_SUPPORTED, num_bits=4,
+                          granularity=qtyping.QuantGranularity(f"BLOCKWISE_{options.group_size}"))
+    # The MLP down projections stay int8 (per channel), as llama.cpp's Q4_K_M keeps its most sensitive
+    # tensors at higher precision: measured on SmolLM2, all-4-bit gave 0.48 top-1 agreement (min-max,
+    # OCTAV and Hadamard-rotated scales alike), int8 down projections 0.60.
+    rm.add_dynamic_config(_MLP_DOWN, qtyping.TFLOperationName.FULLY_CONNECTED, num_bits=8)
+    return rm.get_quantization_recipe(), [
+        f"4-bit weights in blocks of {options.group_size} (MLP down projections int8 per channel), "
+        "activations quantized at run time"], False
+
+
+def _int8_static(spec, options):
+    from ai_edge_quantizer import qtyping
+
+    fc = qtyping.TFLOperationName.FULLY_CONNECTED
+    rm = _manager()
+    # Only FULLY_CONNECTED gets int8 activations: the attention scores, mask, softmax, norms and the
+    # residual adds stay float32 (a per-tensor int8 range over the masked scores or the residual
+    # stream is what collapsed a naively calibrated Llama to 0.44 top-1). The model was smoothed
+    # first (``smooth_model``) to move channel outliers into the weights.
+    rm.add_static_config(".*", fc, activation_num_bits=8, weight_num_bits=8)
+    # The MLP down projection's input carries token-specific outliers (a few tokens, e.g. the first,
+    # reach values thousands of times the rest) that neither a static range nor smoothing can hold:
+    # measured on SmolLM2, static int8 everywhere gave 0.40 top-1 agreement, with these layers'
+    # activations quantized per token at run time (int8 dynamic) 0.82.
+    rm.add_dynamic_config(_MLP_DOWN, fc, num_bits=8)
+    # The token embedding gets int8 weights too (float output, like int8-dynamic): with a tied LM head
+    # its one buffer feeds both the lookup and the head's FULLY_CONNECTED, and a float lookup next to
+    # an int8 head made the quantizer copy that buffer for every signature (3x the size).
+    rm.add_dynamic_config(".*", qtyping.TFLOperationName.EMBEDDING_LOOKUP, num_bits=8)
+    return rm.get_quantization_recipe(), [
+        f"int8 weights and calibrated static int8 activations on fully-connected ops (up to "
+        f"{options.calibration_samples} text windows); MLP down projections use per-token dynamic int8 "
+        "activations; attention, norms and residuals stay float32"], True
+
+
+_RECIPES = {"fp16": _fp16, "int8-dynamic": _int8_dynamic, "int8-static": _int8_static, "int4-weight": _int4_weight}
+
+
+# ---------------------------------------------------------------- smoothing (before conversion)
+
+_SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength: half of the outlier range moves into weights
+
+
+def prepare_model(recipe: str, loaded, options):
+    """(torch model to convert, notes): a SmoothQuant copy for int8-static, else ``loaded.model`` itself."""
+    if recipe != "int8-static" or loaded.kind != "causal-lm":
+        return loaded.model, []
+    options.progress("smoothing activation outliers into the weights (SmoothQuant) for int8-static")
+    model, count = smooth_model(loaded, options)
+    if not count:
+        return loaded.model, [f"no SmoothQuant pattern known for {loaded.config.model_type}; calibrated as is"]
+    return model, [f"SmoothQuant (alpha {_SMOOTH_ALPHA}) on {count} norm/linear pairs before conversion"]
+
+
+def smooth_model(loaded, options, alpha: float = _SMOOTH_ALPHA, window: int = 128):
+    """A copy of the model with activation outliers migrated into the weights (SmoothQuant).
+
+    LLM activations have a few channels hundreds of times larger than the rest, so one per-tensor
+    int8 scale leaves the other channels a handful of levels. For each linear layer fed by a norm
+    (or by ``up_proj`` through the SwiGLU product), input channel j is divided by
+    s_j = max|X_j|^alpha / max|W_j|^(1-alpha) in the producer and multiplied back into the weight's
+    column j: the float function is unchanged, the activations become int8-friendly and the
+    per-channel int8 weights absorb the range. Returns (model copy, number of smoothed groups).
+    """
+    import copy
+
+    import torch
+
+    from exporter.texts import calibration_windows
+
+    model = copy.deepcopy(loaded.model).eval()
+    groups = _smoothing_groups(model)
+    if not groups:
+        return model, 0
+    stats: dict = {}
+
+    def hook(module, inputs, output):
+        amax = inputs[0].detach().abs().reshape(-1, inputs[0].shape[-1]).amax(dim=0)
+        stats[module] = torch.maximum(stats[module], amax) if module in stats else amax
+
+    handles = [linears[0].register_forward_hook(hook) for _, linears in groups]
+    try:
+        windows = calibration_windows(loaded.tokenizer, options.calibration_texts, window, options.calibration_samples)
+        with torch.no_grad():
+            for ids in windows:
+                model(torch.tensor([ids]))
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        for producer, linears in groups:
+            if linears[0] not in stats:
+                continue
+            w_max = torch.cat([lin.weight.abs() for lin in linears]).amax(dim=0)
+            s = (stats[linears[0]].clamp(min=1e-5) ** alpha / w_max.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
+            if isinstance(producer, torch.nn.Linear):  # up_proj: scale its output rows
+                producer.weight.div_(s[:, None])
+            else:  # RMSNorm / LayerNorm: scale the elementwise weight (and bias)
+                producer.weight.div_(s)
+            if getattr(producer, "bias", None) is not None:
+                producer.bias.div_(s)
+            for lin in linears:
+                lin.weight.mul_(s[None, :])
+    return model, len(groups)
+
+
+def _smoothing_groups(model) -> list:
+    """[(producer, [linears fed by it])] for the architectures whose structure is known."""
+    mtype = model.config.model_type
+    groups = []
+    if mtype in ("llama", "mistral", "qwen2", "qwen3"):
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            groups.append((layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]))
+            groups.append((layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]))
+            # down_proj sees act(gate) * up: scaling up's output channel scales down's input channel.
+            groups.append((mlp.up_proj, [mlp.down_proj]))
+    elif mtype == "gpt2":
+        for block in model.transformer.h:
+            groups.append((block.ln_1, [block.attn.c_attn]))
+            groups.append((block.ln_2, [block.mlp.c_fc]))
+    # The LM head is left alone: with tied embeddings its weight is also the embedding table.
+    if not all(isinstance(lin, __import__("torch").nn.Linear) for _, lins in groups for lin in lins):
+        return []
+    return groups
+
+
+# ---------------------------------------------------------------- calibration
+
+
+def calibration_data(fp32: bytes, spec: dict, loaded, options) -> dict[str, list[dict]]:
+    """Inputs for every signature, {signature: [feeds]}, from token windows of the calibration text.
+
+    Prefill signatures see each window from position 0 with an empty cache. Decode sees realistic
+    caches: the float model prefills the first half of a window, then decodes the next few tokens,
+    and each decode step's inputs (with the cache as it then is) become calibration samples.
+    """
+    from exporter.texts import calibration_windows
+
+    if spec["kind"] == "encoder":
+        return _encoder_calibration(spec, loaded, options, calibration_windows)
+    from ai_edge_litert.interpreter import Interpreter
+
+    lengths = spec["prefill_lengths"]
+    windows = calibration_windows(loaded.tokenizer, options.calibration_texts, max(lengths),
+                                  options.calibration_samples)
+    if not windows:
+        raise SlmExportError("int8-static needs calibration text; the given text has no tokens")
+    interp = Interpreter(model_content=fp32)
+    runners = {name: interp.get_signature_runner(name) for name in spec["signatures"]}
+    shape = (1, spec["num_kv_heads"], spec["max_context"], spec["head_dim"])
+    empty = {name: np.zeros(shape, np.float32) for name in spec["cache_names"]}
+    data: dict[str, list[dict]] = {name: [] for name in spec["signatures"]}
+    for window in windows:
+        for n in lengths:
+            data[f"prefill_{n}"].append(_feed(window[:n], 0, n, empty))
+        half = max(1, len(window) // 2)
+        n = min(x for x in lengths if x >= half) if half > 1 else None
+        cache = empty
+        if n is not None:
+            out = runners[f"prefill_{n}"](**_feed(window[:half], 0, n, cache))
+            cache = {name: out[name] for name in spec["cache_names"]}
+        for pos in range(half, min(len(window), half + _DECODE_STEPS_PER_WINDOW)):
+            feed = _feed(window[pos:pos + 1], pos, 1, cache)
+            data["decode"].append(feed)
+            out = runners["decode"](**feed)
+            cache = {name: out[name] for name in spec["cache_names"]}
+    return data
+
+
+def _feed(tokens: list[int], start: int, length: int, cache: dict) -> dict:
+    ids = np.zeros((1, length), np.int32)
+    ids[0, :len(tokens)] = tokens
+    return {"tokens": ids, "input_pos": np.arange(start, start + length, dtype=np.int32), **cache}
+
+
+def _encoder_calibration(spec, loaded, options, calibration_windows) -> dict[str, list[dict]]:
+    length = spec["max_context"]
+    windows = calibration_windows(loaded.tokenizer, options.calibration_texts, length, options.calibration_samples)
+    feeds = []
+    for window in windows:
+        ids = np.full((1, length), spec["pad_token_id"], np.int32)
+        mask = np.zeros((1, length), np.int32)
+        ids[0, :len(window)] = window
+        mask[0, :len(window)] = 1
+        feeds.append({"input_ids": ids, "attention_mask": mask})
+    return {spec["signature"]: feeds}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """ai-edge-quantizer prints size reports and logs a warning per weight buffer shared by several
+    signatures (each signature quantizes the same weights identically); keep the CLI output clean."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
