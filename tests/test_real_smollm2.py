@@ -39,3 +39,17 @@ def test_fp32_export_generates_identical_greedy_tokens(tmp_path):
     assert metrics["greedy_identical"] and metrics["top1_agreement"] == 1.0
     assert metrics["max_abs_err"] < 1e-2
     assert "Paris" in metrics["greedy_artifact_text"]
+
+
+def test_rpi_tflite_bundle_of_the_embedded_model(tmp_path):
+    """`--format tflite` on the rpi target: LiteRT int8-dynamic with prefill/decode signatures."""
+    out = tmp_path / "rpi-tflite"
+    proc = run_cli("--target", "rpi", "--format", "tflite", "--out", out, "--decode-tokens", "8", "--repeats", "1",
+                   timeout=2400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["format"], manifest["recipe"]) == ("tflite", "int8-dynamic")
+    assert manifest["parity"]["passed"], manifest["parity"]["failures"]
+    assert manifest["parity"]["metrics"]["top1_agreement"] >= 0.78
+    assert manifest["latency"]["runtime"] in ("ai_edge_litert", "ai-edge-litert", "tflite_runtime")
+    assert manifest["artifact"]["bytes"] < 0.4 * 540e6
