@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
+from .bundle import sha256
 from .errors import DeviceError, SlmExportError
 
 DEVICE_SCRIPT = Path(__file__).with_name("farm_device.py")
@@ -331,11 +332,7 @@ class Bundle:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+    return sha256(path)
 
 
 def load_bundle(path: str | Path, runtime_copy: Path) -> Bundle:

@@ -19,16 +19,11 @@ from pathlib import Path
 import pytest
 
 import sshd as sshd_mod
+from test_cli import run_cli
 from exporter.errors import DeviceError
 from exporter.farm import FarmFileError, load_farm, run_farm, write_reports
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def run_cli(*args, timeout=900):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "exporter.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
 # ---------------------------------------------------------------- fixtures
@@ -199,7 +194,7 @@ def test_pytest_device_tests_with_farm_option(bundle, server, tmp_path):
 
 
 def test_wrong_host_key_is_refused_with_how_to_verify(bundle, server, tmp_path):
-    impostor = sshd_mod.keygen(tmp_path / "impostor")
+    sshd_mod.keygen(tmp_path / "impostor")
     kind, key = (tmp_path / "impostor.pub").read_text().split()[:2]
     bad_kh = tmp_path / "known_hosts"
     bad_kh.write_text(f"[127.0.0.1]:{server.port} {kind} {key}\n")

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from exporter import parity
 from exporter.formats import ExportOptions, get_format
