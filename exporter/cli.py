@@ -263,6 +263,49 @@ def _distill(intents, epochs, retrain, cache_dir) -> None:
     Console().print(f"student ({d.figures['parameters']} parameters) cached in {folder}")
 
 
+@cli.group()
+def device():
+    """Run a bundle on one attached device (Android over adb)."""
+
+
+@device.command("android")
+@click.argument("bundle", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--runner", required=True, help="ExecuTorch LLM runner binary built for Android (e.g. llama_main for arm64-v8a).")
+@click.option("--serial", default=None, help="adb serial of the phone (default: the only one attached).")
+@click.option("--prompt", default="Tell me a short story about a robot.", show_default=True)
+@click.option("--seq-len", type=click.IntRange(2, 32768), default=128, show_default=True)
+@click.option("--repeats", type=click.IntRange(1, 100), default=3, show_default=True, help="Measured runs after one warm-up.")
+@click.option("--device-root", default=None, help="Folder on the device (default /data/local/tmp/slm-export).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Write the figures here.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def device_android(bundle, runner, serial, prompt, seq_len, repeats, device_root, json_path, debug):
+    """Push a .pte BUNDLE with adb, run the ExecuTorch runner on the phone, report its latency."""
+    _run_guarded(lambda: _device_android(bundle, runner, serial, prompt, seq_len, repeats, device_root, json_path), debug)
+
+
+def _device_android(bundle, runner, serial, prompt, seq_len, repeats, device_root, json_path) -> None:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from targets import adb
+
+    from . import report
+
+    kwargs = {"device_root": device_root} if device_root else {}
+    result = adb.measure_on_device(bundle, runner, serial=serial, prompt=prompt, seq_len=seq_len,
+                                   repeats=repeats, **kwargs)
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2, default=str))
+    table = Table(title=f"{bundle.name} on {result['device'].get('model', result['device'].get('serial'))}")
+    table.add_column("figure")
+    table.add_column("value")
+    for row in report.latency_rows(result["latency"]):
+        table.add_row(*row)
+    Console().print(table)
+
+
 def main() -> None:
     cli()
 

@@ -295,3 +295,20 @@ def test_real_device_run():
     result = adbmod.measure_on_device(Path(os.environ["SLM_ANDROID_BUNDLE"]), os.environ["SLM_ANDROID_RUNNER"],
                                       repeats=1, seq_len=64)
     assert result["latency"]["decode_tok_s"] > 0
+
+
+def test_cli_device_android_runs_the_runner(fake_adb, tmp_path):
+    """`slm-export device android BUNDLE --runner PATH` pushes, runs and reports the runner's figures."""
+    from click.testing import CliRunner
+
+    from exporter.cli import cli
+
+    bundle = _bundle(tmp_path)
+    out_json = tmp_path / "device.json"
+    result = CliRunner().invoke(cli, ["device", "android", str(bundle), "--runner", str(_fake_runner(tmp_path)),
+                                      "--repeats", "1", "--device-root", str(tmp_path / "device"), "--json", str(out_json)])
+    assert result.exit_code == 0, result.output
+    assert "decode (tok/s)" in result.output
+    assert json.loads(out_json.read_text())["latency"]["decode_tok_s"] == pytest.approx(20.0)
+    missing = CliRunner().invoke(cli, ["device", "android", str(bundle), "--runner", str(tmp_path / "nope")])
+    assert missing.exit_code != 0 and "runner" in missing.output and "Traceback" not in missing.output
