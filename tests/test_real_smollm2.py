@@ -53,3 +53,17 @@ def test_rpi_tflite_bundle_of_the_embedded_model(tmp_path):
     assert manifest["parity"]["metrics"]["top1_agreement"] >= 0.78
     assert manifest["latency"]["runtime"] in ("ai_edge_litert", "ai-edge-litert", "tflite_runtime")
     assert manifest["artifact"]["bytes"] < 0.4 * 540e6
+
+
+def test_android_default_pte_of_the_embedded_model(tmp_path):
+    """`slm-export --target android`: ExecuTorch int4-weight (8da4w, lm_head 8-bit) on XNNPACK, gate passed."""
+    out = tmp_path / "android"
+    proc = run_cli("--target", "android", "--out", out, "--decode-tokens", "8", "--repeats", "1", timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["format"], manifest["recipe"]) == ("pte", "int4-weight")
+    assert manifest["parity"]["passed"], manifest["parity"]["failures"]
+    assert manifest["latency"]["runtime"] == "executorch"
+    assert manifest["artifact"]["bytes"] < 0.45 * 652e6  # fp32 .pte is 652 MB
+    settings = json.loads((out / "android_llm.json").read_text())
+    assert settings["model"] == "model.pte" and settings["user_prompt_template"] and (out / "tokenizer.json").exists()
