@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -17,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import SlmExportError
+from .loading import sha256_file as sha256
 
 MANIFEST = "manifest.json"
 # Files of a Hugging Face folder that apps need beside the artifact.
@@ -76,14 +76,6 @@ def copy_tokenizer_files(model_folder: Path, staging: Path) -> list[str]:
             shutil.copy2(src, staging / name)
             copied.append(name)
     return copied
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def versions() -> dict:

@@ -331,10 +331,6 @@ class Bundle:
         return f"{self.manifest['format']}/{self.manifest['recipe']}"
 
 
-def _sha256(path: Path) -> str:
-    return sha256(path)
-
-
 def load_bundle(path: str | Path, runtime_copy: Path) -> Bundle:
     """Read a bundle, refuse a damaged one, and list every file the device must receive intact."""
     from . import bundle as bundle_mod
@@ -352,7 +348,7 @@ def load_bundle(path: str | Path, runtime_copy: Path) -> Bundle:
     files = {}
     for root, prefix in ((path, "bundle"), (runtime_copy, RUNTIME_PACKAGE)):
         for p in sorted(q for q in root.rglob("*") if q.is_file()):
-            files[f"{prefix}/{p.relative_to(root).as_posix()}"] = {"sha256": _sha256(p), "bytes": p.stat().st_size}
+            files[f"{prefix}/{p.relative_to(root).as_posix()}"] = {"sha256": sha256(p), "bytes": p.stat().st_size}
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12]
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", path.resolve().name) or "bundle"
     return Bundle(path=path, manifest=manifest, spec=spec, files=files, deploy_name=f"{safe}-{digest}")

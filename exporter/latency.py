@@ -7,6 +7,7 @@ alone, not of the PyTorch reference this process holds; the same script runs on 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ def measure_on_host(bundle_dir: Path, decode_tokens: int = 64, repeats: int = 3,
     if threads:
         cmd += ["--threads", str(threads)]
     project_root = str(Path(__file__).resolve().parent.parent)
-    env = {**__import__("os").environ}
+    env = dict(os.environ)
     env["PYTHONPATH"] = project_root + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)

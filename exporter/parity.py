@@ -14,6 +14,7 @@ import numpy as np
 
 from .recipes import get_recipe
 from .runtime import EncoderRunner, greedy_generate
+from .runtime.base import REFERENCE_FILE  # noqa: F401  (the pipeline writes it; runtime.main reads it)
 from .runtime.metrics import logit_metrics  # noqa: F401  (shared with the device-side runner)
 from .texts import eval_text, token_windows
 
@@ -57,10 +58,9 @@ def reference_greedy(model, prompt: list[int], n: int, eos_ids) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-REFERENCE_FILE = "parity_reference.npz"
 
 
-def write_reference(loaded, path, window: int = 64, greedy_tokens: int = 16) -> None:
+def write_reference(loaded, path, eos_ids=(), window: int = 64, greedy_tokens: int = 16) -> None:
     """Ship expected outputs with the bundle (like ExecuTorch's BundledProgram) for on-device checks.
 
     Holds one eval window's token ids and PyTorch logits (float16 to keep it small), and a greedy
@@ -77,12 +77,10 @@ def write_reference(loaded, path, window: int = 64, greedy_tokens: int = 16) -> 
         return
     ids = token_windows(loaded.tokenizer, eval_text(), window, 1)[0]
     prompt = greedy_prompt(loaded.tokenizer)
-    eos = loaded.model.generation_config.eos_token_id
-    eos = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
     np.savez_compressed(
         path, ids=np.asarray(ids, np.int64), logits=reference_logits(loaded.model, ids).astype(np.float16),
         greedy_prompt=np.asarray(prompt, np.int64),
-        greedy_expected=np.asarray(reference_greedy(loaded.model, prompt, greedy_tokens, eos), np.int64),
+        greedy_expected=np.asarray(reference_greedy(loaded.model, prompt, greedy_tokens, eos_ids), np.int64),
     )
 
 

@@ -90,7 +90,7 @@ def run(req: ExportRequest, progress: Callable[[str], None] = lambda m: None) ->
         spec["latency_prompt_ids"] = loaded.tokenizer(" ".join(eval_text().split()),
                                                       add_special_tokens=False)["input_ids"][:LATENCY_PROMPT_TOKENS]
         (staging / RUNTIME_SPEC).write_text(json.dumps(spec, indent=2))
-        parity.write_reference(loaded, staging / parity.REFERENCE_FILE)
+        parity.write_reference(loaded, staging / parity.REFERENCE_FILE, spec.get("eos_token_ids", []))
         tokenizer_files = bundle.copy_tokenizer_files(loaded.folder, staging)
         if target.bundle_extras:
             target.bundle_extras(loaded, staging, spec)

@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 
 RUNTIME_SPEC = "runtime.json"  # written by the exporter next to the artifact; read by the runners
+REFERENCE_FILE = "parity_reference.npz"  # expected outputs shipped in the bundle (exporter.parity)
 
 
 class RunnerError(Exception):

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from .base import (
+    REFERENCE_FILE,
     EncoderRunner,
     RunnerError,
     measure_encoder_latency,
@@ -58,9 +59,6 @@ def device_identity() -> dict:
     except OSError:
         pass
     return ident
-
-
-REFERENCE_FILE = "parity_reference.npz"
 
 
 def check_parity(runner, bundle_dir: Path) -> dict | None:

@@ -54,6 +54,15 @@ def _set_threads(threads: int) -> None:
         reset(threads)
 
 
+def _open_program(runner, threads: int | None) -> None:
+    """Load the bundle's program into ``runner`` (both runner kinds need the same set-up)."""
+    import torch
+
+    runner._torch = torch
+    runner.runtime_version = _version()
+    runner._program, runner._method = _load_method(runner.bundle_dir / runner.spec["artifact"], threads)
+
+
 class PteCausalLMRunner(CausalLMRunner):
     """A causal LM ``.pte``: ``forward`` appends tokens to the program's static KV cache."""
 
@@ -62,11 +71,7 @@ class PteCausalLMRunner(CausalLMRunner):
 
     def __init__(self, bundle_dir: Path, spec: dict, threads: int | None = None):
         super().__init__(bundle_dir, spec)
-        import torch
-
-        self._torch = torch
-        self.runtime_version = _version()
-        self._program, self._method = _load_method(self.bundle_dir / spec["artifact"], threads)
+        _open_program(self, threads)
         self.max_seq_len = int(spec.get("max_seq_len") or (self.max_context or 2) - 1)
         self.threads = threads
 
@@ -109,11 +114,7 @@ class PteEncoderRunner(EncoderRunner):
 
     def __init__(self, bundle_dir: Path, spec: dict, threads: int | None = None):
         super().__init__(bundle_dir, spec)
-        import torch
-
-        self._torch = torch
-        self.runtime_version = _version()
-        self._program, self._method = _load_method(self.bundle_dir / spec["artifact"], threads)
+        _open_program(self, threads)
         self.max_context = spec.get("max_context")
 
     def encode(self, token_ids: Sequence[int]) -> np.ndarray:
