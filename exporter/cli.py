@@ -59,10 +59,13 @@ def cli():
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="Runtime threads (default: the runtime's).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Where converted models are cached (default $SLM_EXPORT_CACHE or ~/.cache/slm-export).")
 @click.option("--trust-pickle", is_flag=True, help="Allow a folder with only pickled .bin weights (read with weights_only=True).")
+@click.option("--runner", "device_runner", default=None, help="android: also run the bundle on the attached phone with this ExecuTorch runner binary (llama_main).")
+@click.option("--serial", "device_serial", default=None, help="android: adb serial of the phone for --runner (default: the only one attached).")
 @click.option("--board", default=None, help="mcu: board profile whose flash/RAM budget applies (see targets/mcu.py).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def export(target, out, model, fmt, recipe, calibration, force, no_gate, no_latency, max_context, group_size,
-           prefill_lengths, decode_tokens, repeats, threads, cache_dir, trust_pickle, board, debug):
+           prefill_lengths, decode_tokens, repeats, threads, cache_dir, trust_pickle, device_runner, device_serial,
+           board, debug):
     """Export a model for a target, check parity, measure latency, write a bundle."""
     from .pipeline import ExportRequest
 
@@ -71,6 +74,7 @@ def export(target, out, model, fmt, recipe, calibration, force, no_gate, no_late
                         trust_pickle=trust_pickle, max_context=max_context, group_size=group_size,
                         prefill_lengths=_lengths(prefill_lengths),
                         decode_tokens=decode_tokens, repeats=repeats, threads=threads,
+                        device_runner=device_runner, device_serial=device_serial,
                         extra={"board": board} if board else {})
     _run_guarded(lambda: _export(req), debug)
 
@@ -123,6 +127,13 @@ def _export(req) -> None:
         for row in report.latency_rows(manifest["latency"]["latency"]):
             lat.add_row(*row)
         out.print(lat)
+    if manifest.get("device"):
+        dev = Table(title="latency on the device")
+        dev.add_column("figure")
+        dev.add_column("value")
+        for row in report.latency_rows(manifest["device"]["latency"]):
+            dev.add_row(*row)
+        out.print(dev)
     out.print(f"bundle written to {req.out} ({manifest['artifact']['bytes'] / 1e6:.1f} MB artifact); "
               f"see {req.out / 'report.html'}")
 
@@ -263,9 +274,46 @@ def _distill(intents, epochs, retrain, cache_dir) -> None:
     Console().print(f"student ({d.figures['parameters']} parameters) cached in {folder}")
 
 
+@cli.command()
+@click.argument("bundles", nargs=-1, type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for bench.{md,csv,json,html}.")
+@click.option("--model", default=None, help="Reference model of the eager baseline and parity (default: the embedded SmolLM2).")
+@click.option("--no-eager", is_flag=True, help="Leave out the PyTorch eager fp32 baseline.")
+@click.option("--optimum", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Folder exported by optimum-cli (text-generation-with-past) to run as the peer.")
+@click.option("--optimum-python", default=None, help="Python of the venv that has optimum-onnx (see benchmarks/optimum_peer.py).")
+@click.option("--rounds", type=click.IntRange(1, 100), default=5, show_default=True, help="Interleaved measured rounds.")
+@click.option("--decode-tokens", type=click.IntRange(2, 4096), default=128, show_default=True)
+@click.option("--prompt-tokens", type=click.IntRange(1, 4096), default=64, show_default=True)
+@click.option("--threads", type=click.IntRange(1, 256), default=None, help="Threads for every contender (default: each runtime's).")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def bench(bundles, out, model, no_eager, optimum, optimum_python, rounds, decode_tokens, prompt_tokens, threads, debug):
+    """Benchmark BUNDLES against PyTorch eager (and optimum-onnx) in one interleaved run, with the roofline."""
+    _run_guarded(lambda: _bench(bundles, out, model, no_eager, optimum, optimum_python, rounds, decode_tokens,
+                                prompt_tokens, threads), debug)
+
+
+def _bench(bundles, out, model, no_eager, optimum, optimum_python, rounds, decode_tokens, prompt_tokens, threads):
+    from rich.console import Console
+
+    from . import bench as bench_mod
+    from .errors import SlmExportError
+
+    if optimum and not optimum_python:
+        raise SlmExportError("--optimum needs --optimum-python (optimum-onnx cannot share this environment)",
+                             hint="python benchmarks/optimum_peer.py builds that venv and runs the whole comparison")
+    console = Console(stderr=True)
+    result = bench_mod.bench(list(bundles), out, model=model, eager=not no_eager,
+                             optimum=(optimum, optimum_python) if optimum else None, rounds=rounds,
+                             decode_tokens=decode_tokens, prompt_tokens=prompt_tokens, threads=threads,
+                             progress=lambda msg: console.print(f"[dim]bench:[/dim] {msg}"))
+    click.echo(bench_mod.markdown(result))
+    click.echo(f"wrote {out}/bench.md, bench.csv, bench.json, bench.html")
+
+
 @cli.group()
 def device():
-    """Run a bundle on one attached device (Android over adb)."""
+    """Run a bundle on one attached device (Android over adb), or build an emulated ARM64 board."""
 
 
 @device.command("android")
@@ -304,6 +352,19 @@ def _device_android(bundle, runner, serial, prompt, seq_len, repeats, device_roo
     for row in report.latency_rows(result["latency"]):
         table.add_row(*row)
     Console().print(table)
+
+
+@device.command("emulate")
+@click.argument("board", required=False, type=click.Choice(("pi4", "pi5", "android-arm64")))
+@click.option("--clean", is_flag=True, help="Remove every emulated board and everything the build downloaded.")
+@click.option("--rebuild", is_flag=True, help="Build again even if a matching build is cached.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Cache root (default $SLM_EXPORT_CACHE or ~/.cache/slm-export); boards go in <root>/emulated/.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def device_emulate(board, clean, rebuild, cache_dir, debug):
+    """Build (once, cached) an emulated ARM64 BOARD for the farm (qemu-aarch64-static), or --clean."""
+    from .emulate import cli_emulate
+
+    _run_guarded(lambda: cli_emulate(board, clean, rebuild, cache_dir), debug)
 
 
 def main() -> None:

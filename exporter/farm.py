@@ -48,7 +48,7 @@ RUNTIME_PACKAGE = "slm_runtime"  # the name exporter/runtime gets on the device 
 
 SECRET_FIELDS = {"password", "passphrase", "private_key", "secret", "token", "key", "ssh_password",
                  "sudo_password", "identity", "private_key_data"}
-TRANSPORTS = ("local", "ssh")
+TRANSPORTS = ("local", "ssh", "emulated")  # emulated: an ARM64 board under QEMU (exporter/emulate.py)
 
 
 # ---------------------------------------------------------------- the farm file
@@ -83,6 +83,7 @@ class Device:
     budgets: dict = field(default_factory=dict)  # overrides of the target's Budgets fields
     providers: list | None = None  # ONNX Runtime providers; default: the target's
     trtexec: bool = True  # time the .onnx with trtexec when the target asks and the device has it
+    board: str | None = None  # transport "emulated": pi4 | pi5 | android-arm64 (slm-export device emulate)
     line: int = 0  # where the device starts in the farm file
 
 
@@ -243,6 +244,15 @@ def _make_device(merged: dict, block, fail, base: Path, lines: list[str]) -> Dev
              hint="adb devices are measured with `slm-export android ...`, not the farm")
     if transport == "ssh" and bool(merged.get("host")) == bool(merged.get("ssh_alias")):
         fail(block, "host", f"{where}: an ssh device needs exactly one of host or ssh_alias")
+    if transport == "emulated":
+        from .emulate import BOARDS
+
+        if merged.get("board") not in BOARDS:
+            fail(block, "board" if "board" in merged else "transport",
+                 f"{where}: an emulated device needs board = one of {', '.join(BOARDS)} (got {merged.get('board')!r})",
+                 hint="build it first: slm-export device emulate pi5")
+        if merged.get("python", "python3") not in ("python3", "python"):
+            fail(block, "python", f"{where}: an emulated device runs the board's own aarch64 Python; remove python")
     for key in ("budgets",):
         unknown = set(merged.get(key, {})) - {f.name for f in dataclasses.fields(Budgets)}
         if unknown:
@@ -367,6 +377,10 @@ def make_transport(device: Device):
 
     if device.transport == "local":
         return LocalTransport(label=f"{device.name} (this machine)")
+    if device.transport == "emulated":
+        from .emulate import transport
+
+        return transport(device.board)
     opts = SshOptions(host=device.host or device.ssh_alias, port=device.port, user=device.user,
                       identity_file=device.identity_file, known_hosts=device.known_hosts,
                       first_contact=device.first_contact, ssh_config=device.ssh_config,
@@ -434,6 +448,10 @@ class DeviceRun:
                       if c.status in ("failed", "error")]
             if failed:
                 self.report.status, self.report.reason = "failed", "failed checks: " + ", ".join(failed)
+            elif getattr(self.transport, "emulated", False):
+                from .emulate import EMULATED_NOTE
+
+                self.report.reason = EMULATED_NOTE  # the row must not be read as the board's speed
         return self.report
 
     def _down_or_fail(self, e: DeviceError) -> None:
@@ -509,6 +527,11 @@ class DeviceRun:
     def _runtime_check(self, b: Bundle, run: BundleRun) -> bool:
         probe = self.report.probe
         fmt = b.manifest["format"]
+        if fmt == "pte" and getattr(self.transport, "emulated", False):
+            from .emulate import PTE_NOTE
+
+            run.checks.append(Check("runtime", "skipped", PTE_NOTE))
+            return False
         if probe.get("runtime") and fmt == self.bundles[0].manifest["format"]:
             run.checks.append(Check("runtime", "passed", f"{probe['runtime']} {probe['runtime_version']}"))
             return True
@@ -609,6 +632,11 @@ class DeviceRun:
     def _budget(self, run: BundleRun) -> None:
         budgets = dataclasses.replace(self.target.budgets, **self.device.budgets)
         lat = run.result["latency"]
+        if getattr(self.transport, "emulated", False):
+            from .emulate import EMULATED_NOTE
+
+            run.checks.append(Check("budget", "skipped", f"{EMULATED_NOTE} (QEMU translates every instruction)"))
+            return
         if "decode_tok_s" not in lat:
             run.checks.append(Check("budget", "skipped", "budgets apply to causal LMs (decode tok/s, TTFT)"))
             return

@@ -46,6 +46,8 @@ class ExportRequest:
     repeats: int = 3
     threads: int | None = None
     greedy_tokens: int = 32
+    device_runner: str | None = None  # --runner: also run the bundle on an attached device
+    device_serial: str | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -72,6 +74,8 @@ def run(req: ExportRequest, progress: Callable[[str], None] = lambda m: None) ->
         return target.custom_pipeline(req, progress)
     target, fmt, recipe = resolve(req)
     bundle.check_out_dir(req.out, req.force)
+    if req.device_runner:
+        _precheck_device(target, req)
     calib = calibration_texts(req.calibration) if get_recipe(recipe).calibrated else []
     with bundle.staging_dir(req.out) as staging:
         t0 = time.perf_counter()
@@ -114,6 +118,14 @@ def run(req: ExportRequest, progress: Callable[[str], None] = lambda m: None) ->
             latency_result = latency.measure_on_host(staging, req.decode_tokens, req.repeats, threads=req.threads)
             timings["measure_s"] = time.perf_counter() - t0
 
+        device_result = None
+        if req.device_runner:
+            t0 = time.perf_counter()
+            progress(f"measure: on the attached {target.name} device with {req.device_runner}")
+            device_result = target.on_device(staging, req.device_runner, req.device_serial, req.out.name,
+                                             **req.extra.get("device_options", {}))
+            timings["device_s"] = time.perf_counter() - t0
+
         progress("bundle: manifest and reports")
         files = [staging / f for f in artifact.files]
         info = {
@@ -121,13 +133,24 @@ def run(req: ExportRequest, progress: Callable[[str], None] = lambda m: None) ->
             "model": {**loaded.identity, "kind": loaded.kind},
             "artifact": {"files": artifact.files, "bytes": sum(f.stat().st_size for f in files), "notes": artifact.notes},
             "tokenizer_files": tokenizer_files,
-            "parity": parity_result, "latency": latency_result, "timings_s": timings,
+            "parity": parity_result, "latency": latency_result, "device": device_result, "timings_s": timings,
             "budget_failures": target.budgets.failures(latency_result["latency"]) if latency_result else [],
         }
         manifest = bundle.write_manifest(staging, info)
         report.write_reports(staging, manifest)
         bundle.publish(staging, req.out)
     return manifest
+
+
+def _precheck_device(target, req: ExportRequest) -> None:
+    """Refuse ``--runner`` early (before minutes of export) if the target or device cannot take it."""
+    if target.on_device is None:
+        raise SlmExportError(f"target {target.name!r} has no on-device run for --runner",
+                             hint="--runner runs an ExecuTorch runner binary over adb: use it with --target android")
+    if req.format and req.format != "pte" and target.name == "android":
+        raise SlmExportError("--runner runs ExecuTorch programs: it needs --format pte",
+                             hint="drop --format (pte is the android default) or drop --runner")
+    target.on_device_precheck(req.device_runner, req.device_serial)
 
 
 def _parity_table(parity_result: dict) -> str:

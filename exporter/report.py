@@ -82,6 +82,12 @@ def markdown(manifest: dict) -> str:
         if "prompt_tokens" in lat:
             lines += ["", f"Prompt of {lat['prompt_tokens']} tokens, {lat['decode_tokens']} decoded tokens, "
                       f"{lat['warmup']} warm-up + {lat['repeats']} measured repeats (medians)."]
+    device = m.get("device")
+    if device:
+        dev = device.get("device", {})
+        lines += ["", f"## Latency on the device ({dev.get('model') or dev.get('serial', '?')}, "
+                  f"{device.get('runtime', 'on-device runner')})", "", "| figure | value |", "|---|---|"]
+        lines += [f"| {a} | {b} |" for a, b in latency_rows(device["latency"])]
     budgets = m.get("budget_failures")
     if budgets:
         lines += ["", "Target budgets missed on this machine (budgets apply on the device): " + "; ".join(budgets)]

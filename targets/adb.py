@@ -326,11 +326,13 @@ def stats_to_latency(runs: list[dict]) -> dict:
 def measure_on_device(bundle_dir: Path, runner: str | os.PathLike, serial: str | None = None,
                       prompt: str = "Tell me a short story about a robot.", seq_len: int = 128,
                       repeats: int = 3, threads: int | None = None, device_root: str = DEVICE_ROOT,
-                      adb_path: str | None = None, run_timeout: float = T_RUN, push_timeout: float = T_PUSH) -> dict:
+                      adb_path: str | None = None, run_timeout: float = T_RUN, push_timeout: float = T_PUSH,
+                      name: str | None = None) -> dict:
     """Push ``bundle_dir`` and the ``runner`` binary, run it ``repeats`` times, return latency figures.
 
     The bundle must hold ``runtime.json`` naming the ``.pte`` and a ``tokenizer.json``. The first
-    run is a warm-up (page cache, CPU governor) and is not counted.
+    run is a warm-up (page cache, CPU governor) and is not counted. ``name`` is the folder name on
+    the device (default: the bundle folder's).
     """
     bundle_dir = Path(bundle_dir)
     runner_path = check_runner_binary(runner)
@@ -346,7 +348,7 @@ def measure_on_device(bundle_dir: Path, runner: str | os.PathLike, serial: str |
     adb = Adb(serial=serial, adb_path=adb_path)
     device = adb.select()
     props = adb.properties()
-    remote = adb.push_bundle(bundle_dir, f"{device_root}/{bundle_dir.name}", timeout=push_timeout)
+    remote = adb.push_bundle(bundle_dir, f"{device_root}/{name or bundle_dir.name}", timeout=push_timeout)
     runner_remote = adb.push_runner(runner_path, f"{device_root}/bin/{runner_path.name}", timeout=push_timeout)
     runs = []
     for i in range(repeats + 1):

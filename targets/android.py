@@ -77,6 +77,21 @@ def bundle_extras(loaded, staging: Path, spec: dict) -> None:
         android_extras(loaded, staging, artifact=spec["artifact"], max_context=spec.get("max_context"))
 
 
+def device_precheck(runner: str, serial: str | None) -> None:
+    """Before exporting: the runner binary is usable and a phone is attached (clear errors otherwise)."""
+    from targets import adb
+
+    adb.check_runner_binary(runner)
+    adb.Adb(serial=serial).select()
+
+
+def run_on_device(bundle_dir: Path, runner: str, serial: str | None, name: str, **options) -> dict:
+    """Push the staged bundle and ``runner`` over adb, run it, return the device's latency figures."""
+    from targets import adb
+
+    return adb.measure_on_device(bundle_dir, runner, serial=serial, name=name, **options)
+
+
 register(Target(
     name="android",
     description="Android phone over adb: ExecuTorch .pte int4-weight (XNNPACK), tflite alternative",
@@ -88,6 +103,8 @@ register(Target(
     budgets=Budgets(decode_tok_s_min=15.0, ttft_ms_max=1500.0, peak_rss_mb_max=768.0),
     notes="run on the device with ExecuTorch's llama_main (--runner PATH) or the LlamaDemo app",
     bundle_extras=bundle_extras,
+    on_device_precheck=device_precheck,
+    on_device=run_on_device,
 ))
 
 

@@ -355,3 +355,27 @@ class SshTransport(Transport):
                                   kind="connect")
         return TransportError(f"{self.label}: {(stderr.strip().splitlines() or ['ssh failed'])[-1][:300]}",
                               kind="command")
+
+
+class EmulatedTransport(LocalTransport):
+    """An emulated ARM64 board on this machine (``exporter/emulate.py``): a local transport whose
+    Python is the board's aarch64 Python under ``qemu-aarch64-static``.
+
+    A program called ``python3`` (or ``python``) runs as ``python_argv`` + its arguments; any other
+    program (mkdir, mv, rm, sh of the deployment) is a host program working on the same files.
+    The environment is ``env`` (the host's without PYTHONPATH & co, which name x86 Python folders).
+    """
+
+    name = "emulated"
+    emulated = True
+
+    def __init__(self, python_argv: list[str], label: str, env: Mapping[str, str]):
+        super().__init__(label=label)
+        self.python_argv = list(python_argv)
+        self.env = dict(env)
+
+    def run(self, argv: list[str], timeout: float, env: Mapping[str, str] | None = None, what: str = "") -> Result:
+        argv = list(map(str, argv))
+        cmd = self.python_argv + argv[1:] if argv and argv[0] in ("python3", "python") else argv
+        code, out, err, secs = _run_process(cmd, timeout, cwd=self.home, env={**self.env, **(env or {})}, what=what)
+        return Result(argv, code, out, err, secs)

@@ -312,3 +312,33 @@ def test_cli_device_android_runs_the_runner(fake_adb, tmp_path):
     assert json.loads(out_json.read_text())["latency"]["decode_tok_s"] == pytest.approx(20.0)
     missing = CliRunner().invoke(cli, ["device", "android", str(bundle), "--runner", str(tmp_path / "nope")])
     assert missing.exit_code != 0 and "runner" in missing.output and "Traceback" not in missing.output
+
+
+def test_export_with_runner_runs_on_the_phone_and_reports_it(fake_adb, tiny_model_dir, tmp_path):
+    """`slm-export --target android --runner PATH`: the staged bundle is pushed and run before it is
+    published; the device figures land in the manifest and report next to the host ones."""
+    from exporter.pipeline import ExportRequest, run
+
+    out = tmp_path / "smol-android"
+    req = ExportRequest(target="android", out=out, model=str(tiny_model_dir("llama")), max_context=128,
+                        decode_tokens=4, repeats=1, device_runner=str(_fake_runner(tmp_path)),
+                        extra={"device_options": {"device_root": str(tmp_path / "device"), "repeats": 1}})
+    manifest = run(req)
+    assert manifest["device"]["latency"]["decode_tok_s"] == pytest.approx(20.0)
+    assert manifest["device"]["device"]["serial"] == "FAKE0001"
+    assert (tmp_path / "device" / "smol-android" / "model.pte").exists()  # pushed under the bundle's name
+    assert "Latency on the device" in (out / "report.md").read_text()
+
+
+def test_export_with_runner_fails_fast_without_a_phone(fake_adb, tiny_model_dir, tmp_path):
+    from test_cli import run_cli
+
+    fake_adb(devices=())
+    runner = _fake_runner(tmp_path)
+    proc = run_cli("--target", "android", "--model", tiny_model_dir("llama"), "--out", tmp_path / "o",
+                   "--runner", runner, timeout=120)
+    assert proc.returncode != 0 and "no Android device attached" in proc.stderr
+    assert "pte:" not in proc.stderr  # refused before any export work
+    assert not (tmp_path / "o").exists()
+    proc = run_cli("--target", "rpi", "--model", tiny_model_dir("llama"), "--out", tmp_path / "o", "--runner", runner)
+    assert proc.returncode != 0 and "--target android" in proc.stderr and "Traceback" not in proc.stderr

@@ -78,8 +78,25 @@ def test_constant_methods_for_executorch_llm_runner(built):
     assert runner.constant("get_eos_ids") == [2]
     assert runner.constant("use_kv_cache") is True
     assert runner.constant("enable_dynamic_shape") is True
-    assert runner.constant("use_sdpa_with_kv_cache") is False
+    assert runner.constant("use_sdpa_with_kv_cache") is True
     assert art.spec["inputs"] == ["tokens", "input_pos"] and art.spec["max_context"] == MAX_CONTEXT
+
+
+def test_llama_attention_runs_in_executorch_custom_sdpa_kernel(built):
+    """Llama-family attention becomes ExecuTorch's llama::custom_sdpa op (outside the XNNPACK
+    delegates), GPT-2's stays transformers' own; the bundle tells the runner which kernels to load."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    def operators(bundle):
+        _, out, art = bundle
+        program = deserialize_pte_binary((out / "model.pte").read_bytes())
+        program = getattr(program, "program", program)
+        return {op.name for op in program.execution_plan[0].operators}, art.spec["custom_ops"]
+
+    llama_ops, llama_libs = operators(built("llama", "fp32"))
+    assert "llama::custom_sdpa" in llama_ops and llama_libs
+    gpt2_ops, gpt2_libs = operators(built("gpt2", "fp32"))
+    assert not any(op.startswith("llama::") for op in gpt2_ops) and gpt2_libs == []
 
 
 def test_kv_cache_decode_equals_full_forward(built):

@@ -115,7 +115,7 @@ def _static_cache_module(model, max_context: int):
     return LLMForward(inner).eval()
 
 
-def llm_metadata(loaded, spec: dict, max_seq_len: int, max_context: int) -> dict:
+def llm_metadata(loaded, spec: dict, max_seq_len: int, max_context: int, custom_sdpa: bool = False) -> dict:
     """Constant methods read by ExecuTorch's LLM runner (names from extension/llm/runner/constants.h)."""
     cfg = loaded.config.get_text_config()
     bos = spec.get("bos_token_id")
@@ -128,7 +128,7 @@ def llm_metadata(loaded, spec: dict, max_seq_len: int, max_context: int) -> dict
         "get_eos_ids": [int(e) for e in spec["eos_token_ids"]],
         "use_kv_cache": True,
         "enable_dynamic_shape": True,
-        "use_sdpa_with_kv_cache": False,
+        "use_sdpa_with_kv_cache": bool(custom_sdpa),
         "get_n_layers": int(spec["num_layers"]),
         "get_max_batch_size": 1,
     }
@@ -140,7 +140,7 @@ def llm_metadata(loaded, spec: dict, max_seq_len: int, max_context: int) -> dict
 def _build_causal(loaded, recipe: str, options: ExportOptions, out_dir: Path) -> Artifact:
     import torch
 
-    from exporter.formats import pte_quant
+    from exporter.formats import pte_attention, pte_quant
 
     max_context = int(options.max_context)
     geometry = check_context(loaded, max_context)
@@ -150,6 +150,9 @@ def _build_causal(loaded, recipe: str, options: ExportOptions, out_dir: Path) ->
     options.progress(f"pte: preparing {recipe} model")
     model = copy.deepcopy(loaded.model).eval()
     model, skipped = _prepare(model, recipe, options.group_size)
+    custom_sdpa = pte_attention.supported(loaded.config, max_context)
+    if custom_sdpa:
+        pte_attention.use_custom_sdpa(model)
     module = _static_cache_module(model, max_context)
 
     seq = torch.export.Dim("seq", min=1, max=max_seq_len)
@@ -169,7 +172,7 @@ def _build_causal(loaded, recipe: str, options: ExportOptions, out_dir: Path) ->
                         "torch.export (quantized)", recipe)
 
     spec = causal_lm_spec(loaded, "pte", ARTIFACT, recipe, max_context=max_context, max_seq_len=max_seq_len)
-    metadata = llm_metadata(loaded, spec, max_seq_len, max_context)
+    metadata = llm_metadata(loaded, spec, max_seq_len, max_context, custom_sdpa)
     options.progress("pte: lowering to XNNPACK")
     size = _lower_and_write(ep, recipe, metadata, out_dir / ARTIFACT)
     spec.update({
@@ -179,8 +182,12 @@ def _build_causal(loaded, recipe: str, options: ExportOptions, out_dir: Path) ->
         "constant_methods": metadata,
         "kv_cache_bytes": geometry["kv_cache_bytes"],
         "runtime_pip": EXECUTORCH_PIP,
+        # Kernel libraries beyond the portable set that the program calls (the runner loads them).
+        "custom_ops": [pte_attention.CUSTOM_OPS] if custom_sdpa else [],
     })
     notes = [f"pte {recipe}: {size / 1e6:.1f} MB, exported and lowered in {time.perf_counter() - t0:.0f} s"]
+    notes.append("attention: ExecuTorch's llama::custom_sdpa kernel (reads only the filled cache)" if custom_sdpa
+                 else "attention: transformers' static-cache attention (custom_sdpa does not fit this model)")
     if recipe == "int4-weight":
         notes.append("int4-weight quantizes nn.Linear layers (8da4w); the token embedding stays float32")
     if skipped:

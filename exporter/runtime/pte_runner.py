@@ -54,11 +54,24 @@ def _set_threads(threads: int) -> None:
         reset(threads)
 
 
+def _load_kernel_libraries(modules: Sequence[str]) -> None:
+    # Programs that call ExecuTorch's LLM kernels (llama::custom_sdpa) need them registered before
+    # loading; the module that registers them ships in the executorch wheel.
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as e:
+            raise RunnerError(f"the program needs kernels from {name}, which does not load here: {e}") from None
+
+
 def _open_program(runner, threads: int | None) -> None:
     """Load the bundle's program into ``runner`` (both runner kinds need the same set-up)."""
     import torch
 
     runner._torch = torch
+    _load_kernel_libraries(runner.spec.get("custom_ops") or [])
     runner.runtime_version = _version()
     runner._program, runner._method = _load_method(runner.bundle_dir / runner.spec["artifact"], threads)
 

@@ -1,0 +1,5 @@
+import sys
+
+from examples.assistant.app import main
+
+sys.exit(main())
