@@ -119,6 +119,20 @@ def test_kv_cache_decode_equals_full_forward(built):
     np.testing.assert_allclose(runner.forward(other), reference_logits(loaded.model, other), atol=1e-4)
 
 
+def test_rewind_then_a_different_continuation_equals_a_fresh_prefill(built):
+    loaded, _, _ = built("llama", "fp32")
+    runner = _runner(built("llama", "fp32"))
+    rng = np.random.default_rng(3)
+    ids, other = [int(i) for i in rng.integers(3, 1000, 30)], [int(i) for i in rng.integers(3, 1000, 10)]
+    runner.reset()
+    runner.forward(ids)
+    assert runner.rewind(12) and runner.position == 12
+    want = reference_logits(loaded.model, ids[:12] + other)[12:]
+    assert np.abs(runner.forward(other) - want).max() < 1e-4
+    with pytest.raises(RunnerError, match="rewind"):
+        runner.rewind(100)
+
+
 def test_runner_refuses_context_overflow(built):
     runner = _runner(built("llama", "fp32"))
     runner.reset()

@@ -107,6 +107,16 @@ def test_token_by_token_decode_equals_full_forward(build, tiny_loaded):
     assert np.abs(runner.forward(ids) - ref).max() < 1e-4
 
 
+def test_rewind_then_a_different_continuation_equals_a_fresh_prefill(build, tiny_loaded):
+    runner = runner_for(build, "llama", "fp32")
+    ids, other = token_ids(20, seed=1), token_ids(12, seed=2)
+    runner.reset()
+    runner.forward(ids)
+    assert runner.rewind(8) and runner.position == 8
+    want = hf_logits(tiny_loaded("llama"), ids[:8] + other)[8:]
+    assert np.abs(runner.forward(other) - want).max() < 1e-4
+
+
 def test_direct_and_plain_cache_paths_agree(build, tiny_loaded):
     # Switching signatures (prefill 16, decode, prefill 8, decode) exercises the direct path's
     # per-signature sync of the cache inputs; the plain SignatureRunner path copies everything.

@@ -1,12 +1,9 @@
 """A KV-cache session over a runner: feed a token sequence, reusing the longest cached prefix.
 
-The runner interface (exporter.runtime.base.CausalLMRunner) only appends or resets. Going back to a
-shorter prefix (chat turns that differ at the end, the branches of the word search) would then cost a
-full prefill each time, so ``rewind`` shortens the cache in place where the format allows it:
-  * onnx: the cache is the runner's ``past`` arrays (batch, heads, seq, dim): slice them;
-  * pte / tflite: a static cache whose attention mask hides every slot at or after ``position``:
-    moving ``position`` back is enough (the next tokens overwrite the stale slots).
-Other runners fall back to reset + prefill.
+Going back to a shorter prefix (chat turns that differ at the end, the branches of the word search)
+uses the runner's ``rewind`` (exporter.runtime.base.CausalLMRunner): onnx slices its cache, pte and
+tflite move their static cache's position back. A runner that cannot rewind falls back to reset +
+prefill.
 """
 
 from __future__ import annotations
@@ -15,27 +12,12 @@ from typing import Sequence
 
 import numpy as np
 
-STATIC_CACHE_FORMATS = ("pte", "tflite")
-
 
 def rewind(runner, n: int) -> bool:
     """Keep only the first ``n`` cached tokens; False if this runner cannot (caller re-prefills)."""
     if n > runner.position:
         raise ValueError(f"cannot rewind to {n}: only {runner.position} tokens are cached")
-    if n == runner.position:
-        return True
-    if n == 0:
-        runner.reset()
-        return True
-    past = getattr(runner, "past", None)
-    if getattr(runner, "format", "") == "onnx" and isinstance(past, list):
-        runner.past = [p[:, :, :n] for p in past]
-        runner.position = n
-        return True
-    if getattr(runner, "format", "") in STATIC_CACHE_FORMATS:
-        runner.position = n
-        return True
-    return False
+    return runner.rewind(n)
 
 
 class KVSession:

@@ -43,6 +43,25 @@ class CausalLMRunner:
         """Feed ``token_ids`` after the cached ones; return float32 logits of shape (len, vocab)."""
         raise NotImplementedError
 
+    def rewind(self, n: int) -> bool:
+        """Keep only the first ``n`` cached tokens (a prompt edited after them, a regenerated reply).
+
+        Returns False when this runner cannot, and the caller re-prefills. Runners with a static
+        cache (pte, tflite) only move the position: slots past it are hidden by the causal mask and
+        overwritten by the next tokens.
+        """
+        if n > self.position or n < 0:
+            raise RunnerError(f"cannot rewind to {n}: {self.position} tokens are cached")
+        if n == 0:
+            self.reset()
+            return True
+        if n == self.position:
+            return True
+        return self._rewind(n)
+
+    def _rewind(self, n: int) -> bool:
+        return False
+
     def _check_room(self, n: int) -> None:
         if self.max_context is not None and self.position + n > self.max_context:
             raise RunnerError(

@@ -56,6 +56,12 @@ class OnnxCausalLM(CausalLMRunner):
         self.position += n
         return outputs[0][0].astype(np.float32, copy=False)
 
+    def _rewind(self, n: int) -> bool:
+        # The cache grows along the sequence axis (batch, heads, seq, head_dim): cut it.
+        self.past = [p[:, :, :n] for p in self.past]
+        self.position = n
+        return True
+
 
 class OnnxEncoder(EncoderRunner):
     format = "onnx"

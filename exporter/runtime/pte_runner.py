@@ -88,6 +88,10 @@ class PteCausalLMRunner(CausalLMRunner):
         self.max_seq_len = int(spec.get("max_seq_len") or (self.max_context or 2) - 1)
         self.threads = threads
 
+    def _rewind(self, n: int) -> bool:
+        self.position = n  # static cache: the mask hides later slots, the next tokens overwrite them
+        return True
+
     def reset(self) -> None:
         self.position = 0
 

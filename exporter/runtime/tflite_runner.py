@@ -152,6 +152,10 @@ class TFLiteCausalLM(_Base, CausalLMRunner):
         self._synced = {name: False for name in self.runners}
         return True
 
+    def _rewind(self, n: int) -> bool:
+        self.position = n  # static cache: the mask hides later slots, the next tokens overwrite them
+        return True
+
     def reset(self) -> None:
         """Forget every token seen so far (stale slots need no clearing: the mask hides them)."""
         self.position = 0

@@ -1,0 +1,1 @@
+"""Predictive text in the browser: a static page running the ONNX bundle with onnxruntime-web."""

@@ -1,0 +1,5 @@
+import sys
+
+from examples.predictive_text.web.server import main
+
+sys.exit(main())

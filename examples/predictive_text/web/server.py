@@ -1,0 +1,129 @@
+"""Serves the predictive-text page, the bundle's model and tokenizer, and onnxruntime-web's local files.
+
+``python -m examples.predictive_text.web --bundle DIR [--port P]`` then open the printed URL. Only
+loopback is bound. Everything the page needs comes from here (no CDN): the page (this folder's
+index.html / *.js), ``/ort/*`` (node_modules/onnxruntime-web/dist, installed by ``npm ci``) and
+``/bundle/{model.onnx,tokenizer.json,runtime.json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from functools import partial
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from examples.common import AppError, resolve_bundle
+
+WEB = Path(__file__).resolve().parent
+ORT_DIST = WEB / "node_modules" / "onnxruntime-web" / "dist"
+NPM_CI = ["npm", "ci", "--prefix", "examples/predictive_text/web"]
+PAGE_FILES = {"index.html", "app.js", "tokenizer.js", "predictor.js"}
+TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+         ".mjs": "text/javascript; charset=utf-8", ".wasm": "application/wasm",
+         ".json": "application/json", ".onnx": "application/octet-stream", ".map": "application/json"}
+_SAFE_NAME = re.compile(r"^[\w.-]+\Z")
+
+
+def check_setup(bundle: Path) -> dict:
+    """runtime.json of ``bundle`` if the page can run it and onnxruntime-web is installed; else AppError."""
+    if not (ORT_DIST / "ort.wasm.min.mjs").exists():
+        raise AppError(f"onnxruntime-web is not installed in {WEB / 'node_modules'}",
+                       hint=f"run `{' '.join(NPM_CI)}` from the repository root (needs node/npm)")
+    spec_path = bundle / "runtime.json"
+    if not spec_path.exists():
+        raise AppError(f"{bundle} is not a bundle (no runtime.json)",
+                       hint="pass --bundle DIR of a folder written by `slm-export --format onnx ... --out DIR`")
+    try:
+        spec = json.loads(spec_path.read_text())
+    except ValueError as e:
+        raise AppError(f"{spec_path} is not valid JSON: {e}", hint="re-export the bundle") from None
+    if spec.get("format") != "onnx" or spec.get("kind") != "causal-lm":
+        raise AppError(f"{bundle} holds a {spec.get('format')} {spec.get('kind')} model; the page runs onnx causal LMs",
+                       hint="export one with `slm-export --target host --format onnx --out DIR`")
+    for name in (spec["artifact"], "tokenizer.json"):
+        if not (bundle / name).exists():
+            raise AppError(f"{bundle} has no {name}", hint="re-export the bundle")
+    return spec
+
+
+class Handler(BaseHTTPRequestHandler):
+    """GET only; a fixed set of files, never a path from the request joined to a folder unchecked."""
+
+    def __init__(self, *args, bundle: Path, spec: dict, quiet: bool, **kw):
+        self.bundle, self.spec, self.quiet = bundle, spec, quiet
+        super().__init__(*args, **kw)
+
+    def resolve(self, path: str) -> Path | None:
+        path = path.split("?", 1)[0]
+        if path in ("/", "/index.html"):
+            return WEB / "index.html"
+        name = path.rsplit("/", 1)[-1]
+        if not _SAFE_NAME.match(name):
+            return None
+        if path == f"/{name}" and name in PAGE_FILES:
+            return WEB / name
+        if path == f"/ort/{name}":
+            return ORT_DIST / name
+        if path == "/bundle/model.onnx":
+            return self.bundle / self.spec["artifact"]
+        if path in ("/bundle/tokenizer.json", "/bundle/runtime.json"):
+            return self.bundle / name
+        return None
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        file = self.resolve(self.path)
+        if file is None or not file.is_file():
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", TYPES.get(file.suffix, "application/octet-stream"))
+        self.send_header("Content-Length", str(file.stat().st_size))
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+        with file.open("rb") as f:
+            try:
+                shutil.copyfileobj(f, self.wfile)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the page was closed mid-download
+
+    def log_message(self, fmt, *args):
+        if not self.quiet:
+            super().log_message(fmt, *args)
+
+
+def serve(bundle: Path, port: int = 8000, quiet: bool = False) -> ThreadingHTTPServer:
+    """A server (not yet serving) for the page on ``bundle``, bound to 127.0.0.1:``port`` (0: any free port)."""
+    spec = check_setup(bundle)
+    try:
+        return ThreadingHTTPServer(("127.0.0.1", port), partial(Handler, bundle=bundle, spec=spec, quiet=quiet))
+    except OSError as e:
+        raise AppError(f"cannot listen on 127.0.0.1:{port}: {e.strerror}", hint="pick another --port") from None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m examples.predictive_text.web",
+                                 description="Serve the predictive-text page for an ONNX bundle (localhost only).")
+    ap.add_argument("--bundle", type=Path, default=None,
+                    help="onnx bundle folder (default: SmolLM2 onnx int8-dynamic, exported on first use)")
+    ap.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    ap.add_argument("--quiet", action="store_true", help="no request log")
+    args = ap.parse_args(argv)
+    try:
+        httpd = serve(resolve_bundle(args.bundle), args.port, args.quiet)
+    except AppError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    # The test reads this line to learn the port.
+    print(f"serving http://127.0.0.1:{httpd.server_address[1]}/", flush=True)
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        httpd.server_close()
+    return 0
