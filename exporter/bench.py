@@ -13,14 +13,17 @@ model, size, backend, test ``pp<N>`` / ``tg<N>``, t/s) and bench.html with plots
 
 from __future__ import annotations
 
+import collections
 import csv
 import gc
 import io
 import json
 import os
+import queue
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +47,9 @@ class Contender:
     format: str = ""
     recipe: str = ""
     proc: subprocess.Popen | None = None
+    lines: queue.Queue | None = None  # the worker's stdout lines (None: it closed stdout)
+    stderr_tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=20))
+    stderr_reader: threading.Thread | None = None
     info: dict = field(default_factory=dict)
     rounds: list = field(default_factory=list)
 
@@ -59,16 +65,33 @@ def _start(c: Contender, threads: int | None, timeout_s: float) -> None:
     env["PYTHONPATH"] = str(PROJECT_ROOT) + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     c.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=env)
+    # Reader threads: a worker that hangs without a word still meets the timeout below (a blocking
+    # readline would wait forever), and a chatty stderr cannot fill its pipe and stall the worker.
+    c.lines = queue.Queue()
+    threading.Thread(target=_pump, args=(c.proc.stdout, c.lines.put), daemon=True).start()
+    c.stderr_reader = threading.Thread(target=_pump, args=(c.proc.stderr, c.stderr_tail.append), daemon=True)
+    c.stderr_reader.start()
     c.info = _reply(c, timeout_s)
+
+
+def _pump(stream, sink) -> None:
+    for line in stream:
+        sink(line)
+    sink(None)
 
 
 def _reply(c: Contender, timeout_s: float) -> dict:
     # Workers print exactly one JSON line per command; anything else on stdout is a library's chatter.
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        line = c.proc.stdout.readline()
-        if not line:
-            err = (c.proc.stderr.read() or "").strip().splitlines()
+    while True:
+        try:
+            line = c.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if line is None:
+            c.proc.wait(timeout=60)
+            c.stderr_reader.join(timeout=10)  # the last lines may still be in the pipe
+            err = [ln.strip() for ln in c.stderr_tail if ln and ln.strip()]
             raise SlmExportError(f"benchmark contender {c.name} stopped: {err[-1] if err else 'no output'}")
         if line.startswith("{"):
             reply = json.loads(line)
@@ -112,8 +135,8 @@ def bundle_contender(bundle: Path) -> Contender:
     from .runtime import read_spec
 
     spec = read_spec(bundle)
-    files = [bundle / spec["artifact"]] + [bundle / f for f in spec.get("external_data", []) or []]
-    files += [p for p in bundle.glob(spec["artifact"] + ".data") if p not in files]
+    # ONNX graphs over 2 GB keep their weights beside the graph (model.onnx.data).
+    files = [bundle / spec["artifact"], bundle / (spec["artifact"] + ".data")]
     return Contender(name=f"{spec['format']} {spec['recipe']}", kind="bundle", path=str(bundle),
                      weight_bytes=sum(p.stat().st_size for p in files if p.exists()),
                      format=spec["format"], recipe=spec["recipe"])

@@ -79,6 +79,20 @@ def export(target, out, model, fmt, recipe, calibration, force, no_gate, no_late
     _run_guarded(lambda: _export(req), debug)
 
 
+def _latency_table(title: str, latency: dict):
+    """A rich table of latency figures (host check, on-device run)."""
+    from rich.table import Table
+
+    from . import report
+
+    table = Table(title=title)
+    table.add_column("figure")
+    table.add_column("value")
+    for row in report.latency_rows(latency):
+        table.add_row(*row)
+    return table
+
+
 def _lengths(text: str) -> tuple[int, ...]:
     try:
         values = tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
@@ -121,19 +135,10 @@ def _export(req) -> None:
         table.add_row(*row)
     out.print(table)
     if manifest.get("latency"):
-        lat = Table(title=f"latency on this machine ({manifest['latency']['runtime']})")
-        lat.add_column("figure")
-        lat.add_column("value")
-        for row in report.latency_rows(manifest["latency"]["latency"]):
-            lat.add_row(*row)
-        out.print(lat)
+        out.print(_latency_table(f"latency on this machine ({manifest['latency']['runtime']})",
+                                 manifest["latency"]["latency"]))
     if manifest.get("device"):
-        dev = Table(title="latency on the device")
-        dev.add_column("figure")
-        dev.add_column("value")
-        for row in report.latency_rows(manifest["device"]["latency"]):
-            dev.add_row(*row)
-        out.print(dev)
+        out.print(_latency_table("latency on the device", manifest["device"]["latency"]))
     out.print(f"bundle written to {req.out} ({manifest['artifact']['bytes'] / 1e6:.1f} MB artifact); "
               f"see {req.out / 'report.html'}")
 
@@ -335,23 +340,16 @@ def _device_android(bundle, runner, serial, prompt, seq_len, repeats, device_roo
     import json
 
     from rich.console import Console
-    from rich.table import Table
 
     from targets import adb
-
-    from . import report
 
     kwargs = {"device_root": device_root} if device_root else {}
     result = adb.measure_on_device(bundle, runner, serial=serial, prompt=prompt, seq_len=seq_len,
                                    repeats=repeats, **kwargs)
     if json_path:
         json_path.write_text(json.dumps(result, indent=2, default=str))
-    table = Table(title=f"{bundle.name} on {result['device'].get('model', result['device'].get('serial'))}")
-    table.add_column("figure")
-    table.add_column("value")
-    for row in report.latency_rows(result["latency"]):
-        table.add_row(*row)
-    Console().print(table)
+    Console().print(_latency_table(f"{bundle.name} on {result['device'].get('model', result['device'].get('serial'))}",
+                                   result["latency"]))
 
 
 @device.command("emulate")

@@ -75,7 +75,7 @@ def run(req: ExportRequest, progress: Callable[[str], None] = lambda m: None) ->
     target, fmt, recipe = resolve(req)
     bundle.check_out_dir(req.out, req.force)
     if req.device_runner:
-        _precheck_device(target, req)
+        _precheck_device(target, fmt.name, req)
     calib = calibration_texts(req.calibration) if get_recipe(recipe).calibrated else []
     with bundle.staging_dir(req.out) as staging:
         t0 = time.perf_counter()
@@ -142,15 +142,12 @@ def run(req: ExportRequest, progress: Callable[[str], None] = lambda m: None) ->
     return manifest
 
 
-def _precheck_device(target, req: ExportRequest) -> None:
+def _precheck_device(target, fmt_name: str, req: ExportRequest) -> None:
     """Refuse ``--runner`` early (before minutes of export) if the target or device cannot take it."""
     if target.on_device is None:
         raise SlmExportError(f"target {target.name!r} has no on-device run for --runner",
                              hint="--runner runs an ExecuTorch runner binary over adb: use it with --target android")
-    if req.format and req.format != "pte" and target.name == "android":
-        raise SlmExportError("--runner runs ExecuTorch programs: it needs --format pte",
-                             hint="drop --format (pte is the android default) or drop --runner")
-    target.on_device_precheck(req.device_runner, req.device_serial)
+    target.on_device_precheck(req.device_runner, req.device_serial, fmt_name)
 
 
 def _parity_table(parity_result: dict) -> str:

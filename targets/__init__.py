@@ -52,7 +52,7 @@ class Target:
     # Optional hook (ExportRequest, progress) -> manifest for targets whose flow differs from
     # load -> export -> ... (the microcontroller target distils its own small model first).
     custom_pipeline: Callable | None = None
-    # Optional hooks for `--runner`: on_device_precheck(runner, serial) fails fast (before the slow
+    # Optional hooks for `--runner`: on_device_precheck(runner, serial, format) fails fast (before the slow
     # export) when the device or runner is missing; on_device(bundle_dir, runner, serial, name,
     # **options) -> dict runs the staged bundle on the attached device and returns its figures.
     on_device_precheck: Callable | None = None

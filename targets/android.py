@@ -77,10 +77,15 @@ def bundle_extras(loaded, staging: Path, spec: dict) -> None:
         android_extras(loaded, staging, artifact=spec["artifact"], max_context=spec.get("max_context"))
 
 
-def device_precheck(runner: str, serial: str | None) -> None:
-    """Before exporting: the runner binary is usable and a phone is attached (clear errors otherwise)."""
+def device_precheck(runner: str, serial: str | None, fmt: str) -> None:
+    """Before exporting: the format is one the runner runs, the runner binary is usable and a phone is
+    attached (clear errors otherwise)."""
+    from exporter.errors import SlmExportError
     from targets import adb
 
+    if fmt != "pte":
+        raise SlmExportError("--runner runs ExecuTorch programs: it needs --format pte",
+                             hint="drop --format (pte is the android default) or drop --runner")
     adb.check_runner_binary(runner)
     adb.Adb(serial=serial).select()
 

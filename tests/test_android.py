@@ -342,3 +342,7 @@ def test_export_with_runner_fails_fast_without_a_phone(fake_adb, tiny_model_dir,
     assert not (tmp_path / "o").exists()
     proc = run_cli("--target", "rpi", "--model", tiny_model_dir("llama"), "--out", tmp_path / "o", "--runner", runner)
     assert proc.returncode != 0 and "--target android" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("--target", "android", "--format", "tflite", "--model", tiny_model_dir("llama"),
+                   "--out", tmp_path / "o", "--runner", runner)
+    assert proc.returncode != 0 and "needs --format pte" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()

@@ -6,10 +6,10 @@ plus the ``tokenizers`` library and ``jinja2`` for chat templates; no torch, no 
 
 from .bundle import AppError, Bundle, default_bundle_dir, open_bundle, resolve_bundle
 from .generate import Generation, generate
-from .kv import KVSession, rewind
+from .kv import KVSession
 from .sampling import Sampler, SamplingConfig
 from .detok import StreamDecoder, StopStringFilter, token_bytes_table
 
 __all__ = ["AppError", "Bundle", "default_bundle_dir", "open_bundle", "resolve_bundle", "Generation", "generate",
-           "KVSession", "rewind", "Sampler", "SamplingConfig", "StreamDecoder", "StopStringFilter",
+           "KVSession", "Sampler", "SamplingConfig", "StreamDecoder", "StopStringFilter",
            "token_bytes_table"]

@@ -13,13 +13,6 @@ from typing import Sequence
 import numpy as np
 
 
-def rewind(runner, n: int) -> bool:
-    """Keep only the first ``n`` cached tokens; False if this runner cannot (caller re-prefills)."""
-    if n > runner.position:
-        raise ValueError(f"cannot rewind to {n}: only {runner.position} tokens are cached")
-    return runner.rewind(n)
-
-
 class KVSession:
     """Tracks which tokens are in the runner's cache; ``feed`` returns the logits after a sequence."""
 
@@ -44,7 +37,7 @@ class KVSession:
             return self._last_logits
         keep = _common_prefix(self.tokens, tokens)
         keep = min(keep, len(tokens) - 1)  # at least one token must be run to get its logits
-        if not rewind(self.runner, keep):
+        if not self.runner.rewind(keep):
             self.runner.reset()
             keep = 0
         self.tokens = self.tokens[:keep]

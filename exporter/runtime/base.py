@@ -28,6 +28,9 @@ class CausalLMRunner:
     format = ""
     runtime_name = ""
     runtime_version = ""
+    # A static cache (pte, tflite) keeps every slot allocated; the causal mask hides slots at or
+    # after ``position``, so going back is only moving the position.
+    static_kv_cache = False
 
     def __init__(self, bundle_dir: Path, spec: dict):
         self.bundle_dir = Path(bundle_dir)
@@ -60,6 +63,9 @@ class CausalLMRunner:
         return self._rewind(n)
 
     def _rewind(self, n: int) -> bool:
+        if self.static_kv_cache:
+            self.position = n  # the next tokens overwrite the stale slots
+            return True
         return False
 
     def _check_room(self, n: int) -> None:

@@ -81,16 +81,13 @@ class PteCausalLMRunner(CausalLMRunner):
 
     format = "pte"
     runtime_name = "executorch"
+    static_kv_cache = True
 
     def __init__(self, bundle_dir: Path, spec: dict, threads: int | None = None):
         super().__init__(bundle_dir, spec)
         _open_program(self, threads)
         self.max_seq_len = int(spec.get("max_seq_len") or (self.max_context or 2) - 1)
         self.threads = threads
-
-    def _rewind(self, n: int) -> bool:
-        self.position = n  # static cache: the mask hides later slots, the next tokens overwrite them
-        return True
 
     def reset(self) -> None:
         self.position = 0

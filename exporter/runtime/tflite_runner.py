@@ -108,6 +108,7 @@ class TFLiteCausalLM(_Base, CausalLMRunner):
     """
 
     format = "tflite"
+    static_kv_cache = True
     SLOT_AXIS = 2  # cache tensors are (batch, kv_heads, slot, head_dim)
 
     def __init__(self, bundle_dir: Path, spec: dict, threads: int | None = None, runtime: str | None = None,
@@ -150,10 +151,6 @@ class TFLiteCausalLM(_Base, CausalLMRunner):
             return False
         self._wrapper = wrapper
         self._synced = {name: False for name in self.runners}
-        return True
-
-    def _rewind(self, n: int) -> bool:
-        self.position = n  # static cache: the mask hides later slots, the next tokens overwrite them
         return True
 
     def reset(self) -> None:
