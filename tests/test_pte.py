@@ -54,7 +54,7 @@ MAX_ERR = {"fp32": 1e-4, "fp16": 0.5, "int8-dynamic": 0.5, "int8-static": 2.0, "
 
 
 @pytest.mark.parametrize("arch,recipe", [
-    ("llama", "fp32"), ("gpt2", "fp32"), ("llama", "int4-weight"),
+    ("llama", "fp32"), ("gpt2", "fp32"), ("llama", "int4-weight"), ("llama", "fp16"),
     ("gpt2", "int8-dynamic"), ("llama", "int8-static"), ("gpt2", "fp16"),
 ])
 def test_recipe_builds_and_matches_hf(built, arch, recipe):
@@ -82,21 +82,21 @@ def test_constant_methods_for_executorch_llm_runner(built):
     assert art.spec["inputs"] == ["tokens", "input_pos"] and art.spec["max_context"] == MAX_CONTEXT
 
 
+def _portable_operators(bundle) -> set[str]:
+    """The kernels a lowered program calls outside its XNNPACK delegates."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    program = deserialize_pte_binary((bundle[1] / "model.pte").read_bytes())
+    return {op.name for op in getattr(program, "program", program).execution_plan[0].operators}
+
+
 def test_llama_attention_runs_in_executorch_custom_sdpa_kernel(built):
     """Llama-family attention becomes ExecuTorch's llama::custom_sdpa op (outside the XNNPACK
     delegates), GPT-2's stays transformers' own; the bundle tells the runner which kernels to load."""
-    from executorch.exir._serialize._program import deserialize_pte_binary
-
-    def operators(bundle):
-        _, out, art = bundle
-        program = deserialize_pte_binary((out / "model.pte").read_bytes())
-        program = getattr(program, "program", program)
-        return {op.name for op in program.execution_plan[0].operators}, art.spec["custom_ops"]
-
-    llama_ops, llama_libs = operators(built("llama", "fp32"))
-    assert "llama::custom_sdpa" in llama_ops and llama_libs
-    gpt2_ops, gpt2_libs = operators(built("gpt2", "fp32"))
-    assert not any(op.startswith("llama::") for op in gpt2_ops) and gpt2_libs == []
+    llama = built("llama", "fp32")
+    assert "llama::custom_sdpa" in _portable_operators(llama) and llama[2].spec["custom_ops"]
+    gpt2 = built("gpt2", "fp32")
+    assert not any(op.startswith("llama::") for op in _portable_operators(gpt2)) and gpt2[2].spec["custom_ops"] == []
 
 
 def test_kv_cache_decode_equals_full_forward(built):
@@ -141,6 +141,22 @@ def test_runner_refuses_context_overflow(built):
         runner.forward([5, 6])
     runner.reset()
     assert runner.forward([5]).shape == (1, 1000)
+
+
+def test_int4_weight_keeps_the_sensitive_layers_at_8_bits():
+    """int4-weight: 4-bit grouped weights, but 8-bit per-channel for lm_head and the MLP down projection."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from exporter.formats import pte_quant
+
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                      num_hidden_layers=1, vocab_size=100, tie_word_embeddings=False)
+    model = pte_quant.prepare_eager(LlamaForCausalLM(cfg).eval(), "int4-weight", 32)
+    bits = {name: (m.weight.target_dtype, tuple(m.weight.block_size)) for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear)}
+    assert bits.pop("lm_head") == (torch.int8, (1, 64))
+    assert bits.pop("model.layers.0.mlp.down_proj") == (torch.int8, (1, 128))
+    assert set(bits.values()) == {(torch.int4, (1, 32))} and len(bits) == 6
 
 
 def _weight_only_int4(model, recipe, group_size):
@@ -221,3 +237,118 @@ def test_converter_errors_become_one_condensed_message():
     message = str(err.value).splitlines()[0]
     assert message.startswith("ExecuTorch torch.export failed for recipe fp32: ") and len(message) < 450
     assert "Traceback" not in str(err.value)
+
+
+# ---------------------------------------------------------------- lowering-time rewrites
+
+
+def test_linear_mean_rmsnorm_equals_transformers_rmsnorm():
+    """The XNNPACK-friendly norm is the same function as LlamaRMSNorm, in float32 and float16."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from exporter.formats.pte_layers import LinearMeanRMSNorm
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(96, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+    x = torch.randn(2, 7, 96) * 30
+    np.testing.assert_allclose(LinearMeanRMSNorm(norm)(x).detach(), norm(x).detach(), rtol=1e-5, atol=1e-5)
+    half = LlamaRMSNorm(96, eps=1e-5).half()
+    out = LinearMeanRMSNorm(half)(x.half())
+    assert out.dtype == torch.float16
+    np.testing.assert_allclose(out.detach().float(), half(x.half()).detach().float(), rtol=2e-3, atol=2e-3)
+
+
+def test_rotate_half_as_linear_is_exact_and_scoped():
+    from transformers.models.llama import modeling_llama
+
+    from exporter.formats.pte_layers import rotate_half_as_linear, rotation_matrix
+
+    x = torch.randn(1, 3, 5, 16)
+    assert torch.equal(x @ rotation_matrix(16), modeling_llama.rotate_half(x))
+    cfg = modeling_llama.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                     intermediate_size=32, num_hidden_layers=1, vocab_size=50)
+    model = modeling_llama.LlamaForCausalLM(cfg).eval()
+    original = modeling_llama.rotate_half
+    with rotate_half_as_linear(model):
+        assert modeling_llama.rotate_half is not original
+        assert torch.equal(modeling_llama.rotate_half(x), original(x))
+    assert modeling_llama.rotate_half is original
+
+
+def test_static_view_shapes_keeps_the_reshape():
+    """view(b, seq, -1, d) with a symbolic seq becomes view(b, -1, heads, d): same results at every length."""
+    from exporter.formats.pte_passes import static_view_shapes
+
+    class Heads(torch.nn.Module):
+        def forward(self, x):
+            b, s, _ = x.shape
+            return x.view(b, s, -1, 8).transpose(1, 2) * 2
+
+    seq = torch.export.Dim("seq", min=1, max=64)
+    ep = torch.export.export(Heads(), (torch.randn(1, 5, 32),), dynamic_shapes=({1: seq},), strict=True)
+    assert static_view_shapes(ep) == 1
+    shapes = [n.args[1] for n in ep.graph.nodes if n.op == "call_function" and "view" in str(n.target)]
+    assert shapes == [[1, -1, 4, 8]]
+    for n in (1, 7, 64):
+        x = torch.randn(1, n, 32)
+        assert torch.equal(ep.module()(x), Heads()(x))
+
+
+def test_llama_layers_lower_into_the_delegates(built):
+    """No norm mean, rotary slice or attention reshape is left outside XNNPACK in the Llama program."""
+    operators = _portable_operators(built("llama", "fp32"))
+    assert not operators & {"aten::mean", "aten::slice_copy", "aten::view_copy"}, operators
+
+
+def test_pass_filter_keeps_passes_whose_operators_are_present():
+    from executorch.backends.xnnpack._passes import XNNPACKPassManager
+    from executorch.exir.dialects._ops import ops as exir_ops
+
+    from exporter.formats.pte_passes import PASS_OPERATORS, applicable_passes
+
+    every = XNNPACKPassManager.__new__(XNNPACKPassManager)
+    XNNPACKPassManager.__init__(every, None)
+    names = {p.__name__ for p in every.passes}
+    assert set(PASS_OPERATORS) <= names  # every filtered pass still exists in this ExecuTorch
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    graph.output(graph.call_function(exir_ops.edge.aten.linear.default, (x, x)))
+    plain = torch.fx.GraphModule(torch.nn.Module(), graph)
+    kept = {p.__name__ for p in applicable_passes(every.passes, plain)}
+    assert "ConvertToLinearPass" in kept and "ChannelsLastTaggedReshapePass" in kept
+    assert not kept & {"FuseBatchNormPass", "DecomposeBatchNorm", "Conv1dUnsqueezePass", "PReLUReshapePass"}
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    graph.output(graph.call_function(exir_ops.edge.aten.convolution.default, (x, x)))
+    conv = torch.fx.GraphModule(torch.nn.Module(), graph)
+    assert "Conv1dUnsqueezePass" in {p.__name__ for p in applicable_passes(every.passes, conv)}
+
+
+def test_pattern_pass_operators_match_executorch_patterns():
+    """The two pattern passes are skipped on an operator their pattern graphs cannot match without."""
+    from executorch.backends.xnnpack.partition.graphs import bilinear_2d, sdpa
+
+    from exporter.formats.pte_passes import PASS_OPERATORS, graph_operators
+
+    for pass_name, graphs in (("ConvertToUpsampleBilinear2d", bilinear_2d.get_graphs()),
+                              ("ConvertToSDPAPass", sdpa.get_graphs())):
+        for pattern in graphs:
+            assert PASS_OPERATORS[pass_name] <= graph_operators(pattern), pass_name
+
+
+def test_skipped_passes_leave_the_program_byte_identical(tiny_loaded, tmp_path, monkeypatch):
+    """Lowering with every XNNPACK pass and with only the applicable ones writes the same .pte."""
+    import contextlib
+
+    from exporter.formats import pte_passes
+
+    loaded = tiny_loaded("llama")
+    options = ExportOptions(max_context=64)
+    get_format("pte").build(loaded, "int4-weight", options, tmp_path / "filtered")
+    monkeypatch.setattr(pte_passes, "skip_inapplicable_xnnpack_passes", contextlib.nullcontext)
+    get_format("pte").build(loaded, "int4-weight", options, tmp_path / "all")
+    assert (tmp_path / "filtered" / "model.pte").read_bytes() == (tmp_path / "all" / "model.pte").read_bytes()

@@ -7,13 +7,14 @@ from pathlib import Path
 import numpy as np
 
 from exporter.errors import UnsupportedRecipeError
+from exporter.recipes import MLP_DOWN_PROJECTIONS
 from exporter.texts import calibration_windows
 
 
-# The MLP output projection of each decoder family. Its input (after the gated activation) carries
-# outlier channels that a per-tensor int8 activation scale cannot hold: on SmolLM2-135M, quantizing it
-# dropped top-1 agreement from 0.81 to 0.54 and raised perplexity by 79% instead of 6%. These stay float.
-OUTLIER_PROJECTIONS = ("mlp.down_proj", "mlp.c_proj", "mlp.fc2", "mlp.dense_4h_to_h", "feed_forward.w2")
+# The MLP output projections (exporter.recipes): their input carries outlier channels that a
+# per-tensor int8 activation scale cannot hold: on SmolLM2-135M, quantizing it dropped top-1 agreement
+# from 0.81 to 0.54 and raised perplexity by 79% instead of 6%. These stay float.
+OUTLIER_PROJECTIONS = MLP_DOWN_PROJECTIONS
 
 
 def outlier_nodes(model_path: Path) -> list[str]:

@@ -17,6 +17,7 @@ An encoder is exported as ``forward(input_ids: int64 [1, seq]) -> last_hidden_st
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from pathlib import Path
@@ -140,7 +141,7 @@ def llm_metadata(loaded, spec: dict, max_seq_len: int, max_context: int, custom_
 def _build_causal(loaded, recipe: str, options: ExportOptions, out_dir: Path) -> Artifact:
     import torch
 
-    from exporter.formats import pte_attention, pte_quant
+    from exporter.formats import pte_attention, pte_layers, pte_quant
 
     max_context = int(options.max_context)
     geometry = check_context(loaded, max_context)
@@ -153,6 +154,10 @@ def _build_causal(loaded, recipe: str, options: ExportOptions, out_dir: Path) ->
     custom_sdpa = pte_attention.supported(loaded.config, max_context)
     if custom_sdpa:
         pte_attention.use_custom_sdpa(model)
+    # After the eager quantization, so the new linear ops stay float (see pte_layers.py).
+    whole_layers = recipe not in pte_quant.PT2E_RECIPES and pte_layers.supported(loaded.config)
+    if whole_layers:
+        pte_layers.use_linear_mean_rmsnorm(model)
     module = _static_cache_module(model, max_context)
 
     seq = torch.export.Dim("seq", min=1, max=max_seq_len)
@@ -162,8 +167,9 @@ def _build_causal(loaded, recipe: str, options: ExportOptions, out_dir: Path) ->
     with torch.no_grad():
         # strict: dynamo keeps the cache tensors tied to the registered buffers (non-strict
         # lifts them as constants and the decomposition then fails).
-        ep = _guard(lambda: torch.export.export(module, example, dynamic_shapes=dynamic_shapes, strict=True),
-                    "torch.export", recipe)
+        with pte_layers.rotate_half_as_linear(model) if whole_layers else contextlib.nullcontext():
+            ep = _guard(lambda: torch.export.export(module, example, dynamic_shapes=dynamic_shapes, strict=True),
+                        "torch.export", recipe)
         if recipe in pte_quant.PT2E_RECIPES:
             options.progress(f"pte: {recipe} quantization")
             calib = _causal_calibration(loaded, recipe, options, max_seq_len, example)
@@ -174,7 +180,7 @@ def _build_causal(loaded, recipe: str, options: ExportOptions, out_dir: Path) ->
     spec = causal_lm_spec(loaded, "pte", ARTIFACT, recipe, max_context=max_context, max_seq_len=max_seq_len)
     metadata = llm_metadata(loaded, spec, max_seq_len, max_context, custom_sdpa)
     options.progress("pte: lowering to XNNPACK")
-    size = _lower_and_write(ep, recipe, metadata, out_dir / ARTIFACT)
+    size, delegates = _lower_and_write(ep, recipe, metadata, out_dir / ARTIFACT)
     spec.update({
         "inputs": ["tokens", "input_pos"],
         "backend": "xnnpack",
@@ -185,11 +191,14 @@ def _build_causal(loaded, recipe: str, options: ExportOptions, out_dir: Path) ->
         # Kernel libraries beyond the portable set that the program calls (the runner loads them).
         "custom_ops": [pte_attention.CUSTOM_OPS] if custom_sdpa else [],
     })
-    notes = [f"pte {recipe}: {size / 1e6:.1f} MB, exported and lowered in {time.perf_counter() - t0:.0f} s"]
+    notes = [_summary(recipe, size, delegates, time.perf_counter() - t0)]
     notes.append("attention: ExecuTorch's llama::custom_sdpa kernel (reads only the filled cache)" if custom_sdpa
                  else "attention: transformers' static-cache attention (custom_sdpa does not fit this model)")
+    if whole_layers:
+        notes.append("RMSNorm and rotary embedding written as linear ops so XNNPACK takes them (pte_layers.py)")
     if recipe == "int4-weight":
-        notes.append("int4-weight quantizes nn.Linear layers (8da4w); the token embedding stays float32")
+        notes.append("int4-weight quantizes nn.Linear layers (8da4w; the output layer and MLP down projections "
+                     "with 8-bit weights); the token embedding stays float32")
     if skipped:
         notes.append(f"{len(skipped)} linear layers stay float32: group size {options.group_size} does not "
                      f"divide their input width ({', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''})")
@@ -204,9 +213,10 @@ def _prepare(model, recipe: str, group_size: int):
 
     skipped = []
     if recipe == "int4-weight":
-        linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-        skipped = [n for n, m in linears if m.in_features % group_size]
-        if linears and len(skipped) == len(linears):
+        four_bit = [(n, m) for n, m in model.named_modules()
+                    if isinstance(m, torch.nn.Linear) and not pte_quant.eight_bit_layer(n)]
+        skipped = [n for n, m in four_bit if m.in_features % group_size]
+        if four_bit and len(skipped) == len(four_bit):
             raise UnsupportedRecipeError(
                 f"group size {group_size} divides the input width of no linear layer; int4-weight would quantize nothing",
                 hint="use --group-size 32 (or a divisor of the hidden size)",
@@ -271,33 +281,39 @@ def _build_encoder(loaded, recipe: str, options: ExportOptions, out_dir: Path) -
             gm = _guard(lambda: pte_quant.pt2e_quantize(ep.module(), recipe, calib), "quantization", recipe)
             ep = _guard(lambda: torch.export.export(gm, example, dynamic_shapes=({1: seq},), strict=False),
                         "torch.export (quantized)", recipe)
-    size = _lower_and_write(ep, recipe, {"get_max_seq_len": max_len}, out_dir / ARTIFACT)
+    size, delegates = _lower_and_write(ep, recipe, {"get_max_seq_len": max_len}, out_dir / ARTIFACT)
     spec = encoder_spec(loaded, "pte", ARTIFACT, recipe, max_context=max_len, inputs=["input_ids"],
                         backend="xnnpack", runtime_pip=EXECUTORCH_PIP)
-    notes = [f"pte {recipe}: {size / 1e6:.1f} MB, exported and lowered in {time.perf_counter() - t0:.0f} s"]
+    notes = [_summary(recipe, size, delegates, time.perf_counter() - t0)]
     return Artifact(format="pte", recipe=recipe, files=[ARTIFACT], spec=spec, notes=notes)
 
 
 # ---------------------------------------------------------------- lowering
 
 
-def _lower_and_write(ep, recipe: str, metadata: dict, path: Path) -> int:
-    """Lower ``ep`` to XNNPACK with ``metadata`` as constant methods; write the program atomically."""
+def _lower_and_write(ep, recipe: str, metadata: dict, path: Path) -> tuple[int, int]:
+    """Lower ``ep`` to XNNPACK with ``metadata`` as constant methods; write the program atomically.
+
+    Returns (file size, number of XNNPACK delegates).
+    """
     from executorch.backends.xnnpack.utils.configs import (
         get_xnnpack_edge_compile_config,
         get_xnnpack_executorch_backend_config,
     )
     from executorch.exir import to_edge_transform_and_lower
 
-    from exporter.formats import pte_quant
+    from exporter.formats import pte_passes, pte_quant
+
+    pte_passes.static_view_shapes(ep)
 
     def lower():
-        edge = to_edge_transform_and_lower(
-            ep,
-            partitioner=pte_quant.partitioners(recipe),
-            compile_config=get_xnnpack_edge_compile_config(),
-            constant_methods=metadata,
-        )
+        with pte_passes.skip_inapplicable_xnnpack_passes():
+            edge = to_edge_transform_and_lower(
+                ep,
+                partitioner=pte_quant.partitioners(recipe),
+                compile_config=get_xnnpack_edge_compile_config(),
+                constant_methods=metadata,
+            )
         return edge.to_executorch(get_xnnpack_executorch_backend_config())
 
     program = _guard(lower, "XNNPACK lowering", recipe)
@@ -305,7 +321,12 @@ def _lower_and_write(ep, recipe: str, metadata: dict, path: Path) -> int:
     with open(tmp, "wb") as f:
         program.write_to_file(f)
     tmp.replace(path)
-    return path.stat().st_size
+    # Fewer delegates: faster lowering and fewer hand-overs between XNNPACK and portable kernels.
+    return path.stat().st_size, len(program.executorch_program.execution_plan[0].delegates)
+
+
+def _summary(recipe: str, size: int, delegates: int, seconds: float) -> str:
+    return f"pte {recipe}: {size / 1e6:.1f} MB, {delegates} XNNPACK delegates, exported and lowered in {seconds:.0f} s"
 
 
 def _guard(fn, stage: str, recipe: str):
