@@ -304,9 +304,8 @@ def _lower_and_write(ep, recipe: str, metadata: dict, path: Path) -> tuple[int, 
 
     from exporter.formats import pte_passes, pte_quant
 
-    pte_passes.static_view_shapes(ep)
-
     def lower():
+        pte_passes.static_view_shapes(ep)
         with pte_passes.skip_inapplicable_xnnpack_passes():
             edge = to_edge_transform_and_lower(
                 ep,
