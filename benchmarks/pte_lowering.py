@@ -6,7 +6,8 @@ Takes the first ``--layers`` decoder layers of the model (default: the embedded 
 round takes a minute or two instead of ten, and builds the ``.pte`` two ways, interleaved (A B, B A, ...):
 
 * ``plain``: ExecuTorch's ``to_edge_transform_and_lower`` with XNNPACK as ExecuTorch ships it (every
-  delegate pass on every partition; transformers' RMSNorm, rotary ``rotate_half`` and symbolic views);
+  pass on every graph, three decompositions; transformers' RMSNorm, rotary ``rotate_half`` and
+  symbolic views);
 * ``slm-export``: the same plus ``exporter/formats/pte_passes.py`` and ``pte_layers.py``.
 
 Prints build seconds (median, min..max), the ratio, XNNPACK delegate counts, and each program's parity
@@ -33,14 +34,17 @@ def plain_executorch():
     """Switch slm-export's lowering rewrites off (what ExecuTorch alone does)."""
     from exporter.formats import pte_layers, pte_passes
 
-    saved = (pte_passes.skip_inapplicable_xnnpack_passes, pte_passes.static_view_shapes, pte_layers.supported)
-    pte_passes.skip_inapplicable_xnnpack_passes = contextlib.nullcontext
+    saved = (pte_passes.skip_inapplicable_passes, pte_passes.static_view_shapes, pte_passes.decompose_once,
+             pte_layers.supported)
+    pte_passes.skip_inapplicable_passes = contextlib.nullcontext
     pte_passes.static_view_shapes = lambda ep: 0
+    pte_passes.decompose_once = lambda partitioner: partitioner
     pte_layers.supported = lambda config: False
     try:
         yield
     finally:
-        pte_passes.skip_inapplicable_xnnpack_passes, pte_passes.static_view_shapes, pte_layers.supported = saved
+        (pte_passes.skip_inapplicable_passes, pte_passes.static_view_shapes, pte_passes.decompose_once,
+         pte_layers.supported) = saved
 
 
 def build(loaded, recipe: str, out: Path) -> tuple[float, dict]:

@@ -303,29 +303,39 @@ def test_llama_layers_lower_into_the_delegates(built):
 
 
 def test_pass_filter_keeps_passes_whose_operators_are_present():
+    import executorch.exir.passes as exir_passes
     from executorch.backends.xnnpack._passes import XNNPACKPassManager
     from executorch.exir.dialects._ops import ops as exir_ops
 
-    from exporter.formats.pte_passes import PASS_OPERATORS, applicable_passes
+    from exporter.formats.pte_passes import PASS_CONDITIONS, pass_applies, pass_operators
 
     every = XNNPACKPassManager.__new__(XNNPACKPassManager)
     XNNPACKPassManager.__init__(every, None)
-    names = {p.__name__ for p in every.passes}
-    assert set(PASS_OPERATORS) <= names  # every filtered pass still exists in this ExecuTorch
+    names = {p.__name__ for p in every.passes} | set(dir(exir_passes))
+    # Every filtered pass still exists in this ExecuTorch under that name.
+    assert set(pass_operators()) | set(PASS_CONDITIONS) <= names
 
-    graph = torch.fx.Graph()
-    x = graph.placeholder("x")
-    graph.output(graph.call_function(exir_ops.edge.aten.linear.default, (x, x)))
-    plain = torch.fx.GraphModule(torch.nn.Module(), graph)
-    kept = {p.__name__ for p in applicable_passes(every.passes, plain)}
-    assert "ConvertToLinearPass" in kept and "ChannelsLastTaggedReshapePass" in kept
-    assert not kept & {"FuseBatchNormPass", "DecomposeBatchNorm", "Conv1dUnsqueezePass", "PReLUReshapePass"}
+    def graph_of(op):
+        graph = torch.fx.Graph()
+        x = graph.placeholder("x")
+        graph.output(graph.call_function(op, (x, x)))
+        return torch.fx.GraphModule(torch.nn.Module(), graph)
 
-    graph = torch.fx.Graph()
-    x = graph.placeholder("x")
-    graph.output(graph.call_function(exir_ops.edge.aten.convolution.default, (x, x)))
-    conv = torch.fx.GraphModule(torch.nn.Module(), graph)
-    assert "Conv1dUnsqueezePass" in {p.__name__ for p in applicable_passes(every.passes, conv)}
+    linear = graph_of(exir_ops.edge.aten.linear.default)
+    assert pass_applies("ConstPropPass", linear)  # not listed: always runs
+    assert not any(pass_applies(name, linear) for name in (
+        "FuseBatchNormPass", "DecomposeBatchNorm", "Conv1dUnsqueezePass", "PReLUReshapePass",
+        "ConvertToLinearPass", "DecomposeConcatenate", "MemoryFormatOpsPass", "PropagateCustomMetaPass",
+        "LegalizePortableDimOrderPass", "ReplaceBrokenOpsWithFunctionalOpsPass", "ChannelsLastTaggedReshapePass"))
+    conv = graph_of(exir_ops.edge.aten.convolution.default)
+    assert pass_applies("Conv1dUnsqueezePass", conv) and pass_applies("ChannelsLastTaggedReshapePass", conv)
+    assert pass_applies("ConvertToLinearPass", graph_of(exir_ops.edge.aten.addmm.default))
+    assert pass_applies("MemoryFormatOpsPass", graph_of(exir_ops.edge.aten._to_copy.default))
+    assert pass_applies("NormalizeTransposePass", graph_of(torch.ops.aten.t.default))
+    assert not pass_applies("ReplaceBrokenOpsWithFunctionalOpsPass", graph_of(torch.ops.aten.view_copy.default))
+    assert pass_applies("ReplaceBrokenOpsWithFunctionalOpsPass", graph_of(torch.ops.aten.view.default))
+    next(iter(linear.graph.nodes)).meta["custom"] = {"tag": 1}
+    assert pass_applies("PropagateCustomMetaPass", linear)
 
 
 def test_pattern_pass_operators_match_executorch_patterns():
@@ -340,15 +350,24 @@ def test_pattern_pass_operators_match_executorch_patterns():
             assert PASS_OPERATORS[pass_name] <= graph_operators(pattern), pass_name
 
 
-def test_skipped_passes_leave_the_program_byte_identical(tiny_loaded, tmp_path, monkeypatch):
-    """Lowering with every XNNPACK pass and with only the applicable ones writes the same .pte."""
+def test_lowering_shortcuts_leave_the_program_byte_identical(tiny_loaded, tmp_path, monkeypatch):
+    """Lowering with every ExecuTorch pass and three decompositions, and with only the passes that
+    apply and one decomposition less, writes the same .pte."""
     import contextlib
 
     from exporter.formats import pte_passes
 
+    decompositions = []
+    run_decompositions = torch.export.ExportedProgram.run_decompositions
+    monkeypatch.setattr(torch.export.ExportedProgram, "run_decompositions",
+                        lambda self, *a, **k: decompositions.append(1) or run_decompositions(self, *a, **k))
     loaded = tiny_loaded("llama")
     options = ExportOptions(max_context=64)
-    get_format("pte").build(loaded, "int4-weight", options, tmp_path / "filtered")
-    monkeypatch.setattr(pte_passes, "skip_inapplicable_xnnpack_passes", contextlib.nullcontext)
+    get_format("pte").build(loaded, "int4-weight", options, tmp_path / "shortcuts")
+    fast = len(decompositions)
+    monkeypatch.setattr(pte_passes, "skip_inapplicable_passes", contextlib.nullcontext)
+    monkeypatch.setattr(pte_passes, "decompose_once", lambda partitioner: partitioner)
+    decompositions.clear()
     get_format("pte").build(loaded, "int4-weight", options, tmp_path / "all")
-    assert (tmp_path / "filtered" / "model.pte").read_bytes() == (tmp_path / "all" / "model.pte").read_bytes()
+    assert fast == len(decompositions) - 1
+    assert (tmp_path / "shortcuts" / "model.pte").read_bytes() == (tmp_path / "all" / "model.pte").read_bytes()

@@ -6,20 +6,30 @@ at most one ``-1``; transformers writes ``view(batch, seq, -1, head_dim)`` with 
 fell out of the delegate and split its partition. The same view with its one symbolic dim written
 as ``-1`` and the ``-1`` as the number it stands for is the same reshape, and XNNPACK takes it.
 
-``skip_inapplicable_xnnpack_passes``: ExecuTorch's ``XnnpackBackend.preprocess`` runs the same 17
-passes on every partition it lowers, and each pass ends by re-tracing its partition with fake tensors, even when it
-changed nothing. A language model has no batch norm, convolution, PReLU, padding or bilinear
-upsampling, yet the passes for those still re-trace each of its ~200 partitions: on SmolLM2-135M
-they were nearly half of the delegate preprocessing time (py-spy, see README). ExecuTorch has no option
-to choose the passes for a given graph, so ``skip_inapplicable_xnnpack_passes`` swaps in, for the
-duration of one lowering, a pass manager that leaves out a pass when its partition holds none of
-the operators the pass rewrites. A pass that would match nothing only re-traces an already traced
-graph, so leaving it out does not change the program (tests/test_pte.py compares the outputs).
+``skip_inapplicable_passes``: lowering runs about thirty ExecuTorch passes, and each ends by re-tracing
+the graph it was given with fake tensors, even when it changed nothing: XNNPACK's preprocessing runs
+17 of them on every partition, edge-program generation nine on the whole program, ``to_executorch`` a
+few more. A language model has no batch norm, convolution, PReLU, padding, bilinear upsampling, mm
+or large concatenation, yet the passes for those re-traced it all the same: on SmolLM2-135M they
+were nearly half of the delegate preprocessing time (py-spy, see README). ExecuTorch has no option to
+choose the passes for a given graph, so ``skip_inapplicable_passes`` skips, for the duration of one
+lowering, a pass whose graph holds none of the operators it rewrites. A pass that would match
+nothing only re-traces an already traced graph, so leaving it out does not change the program
+(tests/test_pte.py compares the outputs).
+
+``decompose_once``: ``to_edge_transform_and_lower`` decomposes the whole program three times for a
+partitioner that hands it a ``check_op_support`` function (XNNPACK's does): once to functionalize,
+once with the partitioner's ops kept, and once more after tagging the kept nodes that pass the check,
+so that the ones that fail it decompose after all. When every kept node passes the check, the third
+decomposition changes nothing; ExecuTorch takes its one-decomposition path for a partitioner with no
+check function, so ``decompose_once`` runs the check itself, once, and reports "no check" when
+nothing fails it. The program is the same (tests/test_pte.py compares the files).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -60,12 +70,14 @@ def _op_name(target) -> str:
     return str(target) if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", str(target))
 
 
-# Pass class name -> edge operators the pass needs to find before it
-# rewrites anything. A pass is skipped only when none of its operators is in the partition; a pass
-# not listed here always runs. The two pattern passes match ExecuTorch's own pattern graphs
+# Pass class name -> operators the pass needs to find before it rewrites anything. A pass is
+# skipped only when none of its operators is in the graph it is given; a pass not listed here
+# always runs. The two pattern passes match ExecuTorch's own pattern graphs
 # (``backends/xnnpack/partition/graphs``): bilinear upsampling is the ``upsample_bilinear2d`` op, and
 # the SDPA pattern needs ``_softmax`` and ``bmm`` (a test checks these against the patterns).
+# Passes whose operators ExecuTorch keeps in a class attribute are added from it (``pass_operators``).
 PASS_OPERATORS = {
+    # XNNPACK delegate preprocessing, once per partition.
     "ConvertToUpsampleBilinear2d": {"aten.upsample_bilinear2d.vec"},
     "ConvertToSDPAPass": {"aten._softmax.default"},
     "FuseBatchNormPass": {"aten._native_batch_norm_legit_no_training.default", "aten.native_batch_norm.default"},
@@ -76,11 +88,62 @@ PASS_OPERATORS = {
     "FuseActivationPass": {"aten.relu.default", "aten.hardtanh.default"},
     "RemoveGetItemPass": {"aten.max_pool2d_with_indices.default", "aten.max.dim"},
     "XNNPACKRemoveCloneOpsTransform": {"aten.clone.default", "dim_order_ops._clone_dim_order.default"},
-    # The dim-order ops it reverts (exir.passes.dim_order_ops_registry.MemoryFormatOpsMap).
-    "DimOrderOpsRevertPass": {"dim_order_ops._to_dim_order_copy.default", "dim_order_ops._clone_dim_order.default",
-                              "dim_order_ops._empty_dim_order.default"},
     "RemoveRedundantCopyPass": {"aten._to_copy.default"},
+    # Splits concatenations of more than five tensors.
+    "DecomposeConcatenate": {"aten.cat.default"},
+    # Edge-program generation, on the whole graph: rewrites aten.t into t_copy.
+    "NormalizeTransposePass": {"aten.t.default"},
 }
+
+
+def _has_channels_last(graph_module) -> bool:
+    """Whether XNNPACK's channels-last pass has anything to convert: an operator it runs in NHWC, or
+    an input already in channels-last layout (the only ways a node becomes NHWC in that pass)."""
+    from executorch.backends.xnnpack._passes.channels_last_tagged_reshape_pass import (
+        ChannelsLastTaggedReshapePass as ChannelsLast,
+    )
+
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function" and node.target in ChannelsLast.memory_sensitive_ops_nhwc:
+            return True
+        val = node.meta.get("val")
+        if (not node.all_input_nodes and isinstance(val, torch.Tensor) and val.dim() == 4
+                and ChannelsLast._is_nhwc_tensor(val)):
+            return True
+    return False
+
+
+# Pass class name -> what a graph must have for the pass to change it, for passes not keyed by operators.
+PASS_CONDITIONS = {
+    # Copies node.meta["custom"] from a node to the quantize / dequantize nodes after it.
+    "PropagateCustomMetaPass": lambda graph_module: any("custom" in n.meta for n in graph_module.graph.nodes),
+    # Replaces view operators (by the operator's own is_view flag) with their functional copies.
+    "ReplaceBrokenOpsWithFunctionalOpsPass": lambda graph_module: any(
+        n.op == "call_function" and getattr(n.target, "is_view", False) for n in graph_module.graph.nodes),
+    # Converts layouts around the operators XNNPACK runs channels-last (convolution, pooling, ...).
+    "ChannelsLastTaggedReshapePass": _has_channels_last,
+}
+
+
+@functools.cache
+def pass_operators() -> dict[str, frozenset[str]]:
+    """``PASS_OPERATORS`` plus the passes whose operators come from ExecuTorch's own tables."""
+    from executorch.backends.xnnpack._passes.convert_to_linear import ConvertToLinearPass
+    from executorch.exir.passes.dim_order_ops_registry import DimOrderOpsMap, MemoryFormatOpsMap
+    from executorch.exir.passes.legalize_portable_dim_order_pass import LegalizePortableDimOrderPass
+
+    derived = {
+        # [add]mm / bmm left from a decomposed linear, turned back into linear.
+        "ConvertToLinearPass": ConvertToLinearPass.targets,
+        # memory-format ops -> dim-order ops, and back inside XNNPACK partitions.
+        "MemoryFormatOpsPass": DimOrderOpsMap,
+        "DimOrderOpsRevertPass": MemoryFormatOpsMap,
+        # The portable ops that need a contiguous input, after lowering.
+        "LegalizePortableDimOrderPass": LegalizePortableDimOrderPass._target_ops,
+    }
+    table = {name: frozenset(ops) for name, ops in PASS_OPERATORS.items()}
+    table.update({name: frozenset(_op_name(op) for op in ops) for name, ops in derived.items()})
+    return table
 
 
 def graph_operators(graph_module) -> set[str]:
@@ -88,26 +151,52 @@ def graph_operators(graph_module) -> set[str]:
     return {_op_name(n.target) for n in graph_module.graph.nodes if n.op == "call_function"}
 
 
-def applicable_passes(passes: list, graph_module) -> list:
-    """``passes`` without those whose operators (``PASS_OPERATORS``) the graph does not call."""
-    present = graph_operators(graph_module)
-    return [p for p in passes if p.__name__ not in PASS_OPERATORS or PASS_OPERATORS[p.__name__] & present]
+def pass_applies(pass_name: str, graph_module) -> bool:
+    """False when the pass named ``pass_name`` has provably nothing to rewrite in ``graph_module``."""
+    operators = pass_operators().get(pass_name)
+    if operators is not None and not operators & graph_operators(graph_module):
+        return False
+    condition = PASS_CONDITIONS.get(pass_name)
+    return condition is None or condition(graph_module)
 
 
 @contextlib.contextmanager
-def skip_inapplicable_xnnpack_passes():
-    """While active, XNNPACK's delegate preprocessing runs only the passes that apply to each partition."""
-    from executorch.backends.xnnpack import xnnpack_preprocess
-    from executorch.backends.xnnpack._passes import XNNPACKPassManager
+def skip_inapplicable_passes():
+    """While active, ExecuTorch's passes (edge generation, XNNPACK preprocessing, ``to_executorch``)
+    that have nothing to rewrite in the graph they are given return it as it is, without re-tracing.
 
-    class ApplicablePassManager(XNNPACKPassManager):
-        def transform(self):
-            self.passes = applicable_passes(self.passes, self.exported_program.graph_module)
-            return super().transform()
+    Patched at ``PassBase.__call__``, the one call every pass of every ExecuTorch pass manager goes
+    through, so that a pass is skipped whichever manager runs it.
+    """
+    from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-    original = xnnpack_preprocess.XNNPACKPassManager
-    xnnpack_preprocess.XNNPACKPassManager = ApplicablePassManager
+    original = PassBase.__call__
+
+    def call_if_applicable(self, graph_module):
+        if not pass_applies(type(self).__name__, graph_module):
+            return PassResult(graph_module, False)
+        return original(self, graph_module)
+
+    PassBase.__call__ = call_if_applicable
     try:
         yield
     finally:
-        xnnpack_preprocess.XNNPACKPassManager = original
+        PassBase.__call__ = original
+
+
+def decompose_once(partitioner):
+    """``partitioner``, answering ``ops_to_not_decompose`` with no check function when every node of
+    the ops it keeps passes its check (so ExecuTorch decomposes the program once less)."""
+    original = partitioner.ops_to_not_decompose
+
+    def ops_to_not_decompose(exported_program):
+        ops, check = original(exported_program)
+        if check is None:
+            return ops, None
+        kept = set(ops)
+        nodes = [n for n in exported_program.graph.nodes if n.op == "call_function" and n.target in kept]
+        return (ops, None) if all(check(n) for n in nodes) else (ops, check)
+
+    partitioner.ops_to_not_decompose = ops_to_not_decompose
+    return partitioner
+
