@@ -53,12 +53,20 @@ def latency_rows(latency: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def artifact_size(manifest: dict) -> str:
+    """The artifact's size, and its ratio to the model's weights in float32 (what the recipe saved)."""
+    size = manifest["artifact"]["bytes"]
+    fp32 = 4 * manifest["model"].get("num_parameters", 0)  # the PyTorch reference's weights
+    text = f"{size / 1e6:.1f} MB"
+    return f"{text}, {size / fp32:.2f}x the {fp32 / 1e6:.1f} MB of fp32 weights" if fp32 else text
+
+
 def markdown(manifest: dict) -> str:
     """The bundle's report.md."""
     m = manifest
     lines = [f"# {m['model'].get('embedded') or m['model'].get('source')} -> {m['format']} / {m['recipe']} "
              f"for {m['target']}", ""]
-    lines += [f"- artifact: `{m['artifact']['files'][0]}` ({m['artifact']['bytes'] / 1e6:.1f} MB)",
+    lines += [f"- artifact: `{m['artifact']['files'][0]}` ({artifact_size(m)})",
               f"- model: {m['model'].get('model_type')} with {m['model'].get('num_parameters', 0) / 1e6:.1f} M parameters",
               f"- created {m['created']} by slm-export {m['versions'].get('slm-export', '?')}", ""]
     for note in m["artifact"].get("notes", []):

@@ -48,7 +48,10 @@ def test_rpi_bundle_is_complete_and_self_describing(rpi_bundle):
     assert manifest["latency"]["runtime"] == "onnxruntime"
     assert manifest["versions"]["onnxruntime"] and manifest["model"]["model_type"] == "llama"
     assert "data:image/png;base64," in (out / "report.html").read_text()
-    assert "Parity against PyTorch" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "Parity against PyTorch" in report
+    size, fp32 = manifest["artifact"]["bytes"], 4 * manifest["model"]["num_parameters"]
+    assert f"{size / fp32:.2f}x the {fp32 / 1e6:.1f} MB of fp32 weights" in report
     assert "parity onnx / int8-dynamic: passed" in proc.stdout
     assert not list(out.parent.glob(".rpi.partial-*"))
 
