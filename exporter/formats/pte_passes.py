@@ -21,9 +21,9 @@ nothing only re-traces an already traced graph, so leaving it out does not chang
 partitioner that hands it a ``check_op_support`` function (XNNPACK's does): once to functionalize,
 once with the partitioner's ops kept, and once more after tagging the kept nodes that pass the check,
 so that the ones that fail it decompose after all. When every kept node passes the check, the third
-decomposition changes nothing; ExecuTorch takes its one-decomposition path for a partitioner with no
-check function, so ``decompose_once`` runs the check itself, once, and reports "no check" when
-nothing fails it. The program is the same (tests/test_pte.py compares the files).
+decomposition changes nothing; ExecuTorch takes its shorter path (functionalize, then decompose
+once) for a partitioner with no check function, so ``decompose_once`` runs the check itself, once,
+and reports "no check" when nothing fails it. The program is the same (tests/test_pte.py compares the files).
 """
 
 from __future__ import annotations
@@ -199,4 +199,3 @@ def decompose_once(partitioner):
 
     partitioner.ops_to_not_decompose = ops_to_not_decompose
     return partitioner
-
