@@ -104,7 +104,7 @@ def main() -> None:
         reference = reference_logits(model, ids)
         parity = {}
         for name, (out, spec) in outputs.items():
-            runner = open_runner(out, spec)
+            runner = open_runner(out, spec, verify_files=False)
             runner.reset()
             parity[name] = logit_metrics(reference, runner.forward(ids), np.asarray(ids[1:]))
         counts = {name: delegates(out / "model.pte") for name, (out, _) in outputs.items()}

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 import time
@@ -185,6 +186,13 @@ def _run_guarded(fn, debug: bool) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted: nothing was written (the partial bundle was removed)", err=True)
         sys.exit(130)
+    except OSError as e:  # a full disk, a folder removed under us: say which file and why
+        if debug:
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        reason = "no space left on the device" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror
+        click.echo(f"error: {reason or type(e).__name__}{where}; nothing was written", err=True)
+        sys.exit(1)
     except Exception as e:  # noqa: BLE001 - the last line of defence of a CLI
         if debug:
             raise

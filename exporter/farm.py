@@ -351,14 +351,21 @@ def load_bundle(path: str | Path, runtime_copy: Path) -> Bundle:
                              hint="build one with `slm-export --target TARGET --out DIR`")
     bad = bundle_mod.verify(path)
     if bad:
-        raise SlmExportError(f"bundle {path} is damaged: {', '.join(bad)} no longer match manifest.json",
+        raise SlmExportError(f"bundle {path} does not match its manifest.json: {'; '.join(bad[:3])}",
                              hint="export the bundle again")
-    manifest = json.loads((path / bundle_mod.MANIFEST).read_text())
-    spec = json.loads((path / "runtime.json").read_text())
+    from .runtime.base import RunnerError, read_spec
+    from .runtime.files import load_manifest, walk_plain_files
+
+    manifest = load_manifest(path)  # verify() above refused symlinks, special and undeclared files
+    try:
+        spec = read_spec(path)
+    except RunnerError as e:
+        raise SlmExportError(f"bundle {path}: {e}") from None
     files = {}
     for root, prefix in ((path, "bundle"), (runtime_copy, RUNTIME_PACKAGE)):
-        for p in sorted(q for q in root.rglob("*") if q.is_file()):
-            files[f"{prefix}/{p.relative_to(root).as_posix()}"] = {"sha256": sha256(p), "bytes": p.stat().st_size}
+        for rel in walk_plain_files(root):
+            p = root / rel
+            files[f"{prefix}/{rel}"] = {"sha256": sha256(p), "bytes": p.stat().st_size}
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12]
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", path.resolve().name) or "bundle"
     return Bundle(path=path, manifest=manifest, spec=spec, files=files, deploy_name=f"{safe}-{digest}")

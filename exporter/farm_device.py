@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import shutil
+import stat
 import sys
 import threading
 
@@ -97,20 +98,49 @@ def _sha256(path):
     return h.hexdigest()
 
 
+def _plain_file(root, rel):
+    """The path of ``rel`` under ``root`` if it is a plain relative path to a regular file, else a problem.
+
+    (exporter/runtime/files.py holds the same rule for runners; this file must stay self-contained.)
+    """
+    parts = rel.split("/")
+    if rel.startswith("/") or "\\" in rel or "\x00" in rel or any(p in ("", ".", "..") for p in parts):
+        return None, "a path that leaves the deployment folder"
+    path = root
+    for i, part in enumerate(parts):
+        path = os.path.join(path, part)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None, "missing"
+        if stat.S_ISLNK(st.st_mode):
+            return None, "a symlink"
+        if i < len(parts) - 1 and not stat.S_ISDIR(st.st_mode):
+            return None, "not inside a folder"
+    if not stat.S_ISREG(st.st_mode):
+        return None, "not a regular file"
+    return path, None
+
+
 def verify(args):
+    """Every expected file is a plain file with its size and sha256, and nothing else was deployed."""
     root, expected = args[0], json.loads(args[1])
     bad = []
     for rel, entry in sorted(expected.items()):
-        path = os.path.join(root, rel)
-        try:
-            size = os.path.getsize(path)
-        except OSError:
-            bad.append({"file": rel, "problem": "missing"})
+        path, problem = _plain_file(root, rel)
+        if problem:
+            bad.append({"file": rel, "problem": problem})
             continue
+        size = os.path.getsize(path)
         if size != entry["bytes"]:
             bad.append({"file": rel, "problem": f"{size} bytes, expected {entry['bytes']}"})
         elif _sha256(path) != entry["sha256"]:
             bad.append({"file": rel, "problem": "sha256 differs"})
+    for folder, dirs, files in os.walk(root):  # (os.walk does not follow symlinked folders)
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(folder, d))]:
+            rel = os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/")
+            if rel not in expected and "__pycache__" not in rel.split("/"):
+                bad.append({"file": rel, "problem": "not part of the deployment"})
     emit({"ok": not bad, "checked": len(expected), "bad": bad})
     return 0
 
@@ -186,7 +216,9 @@ def run(args):
     if not version:
         emit({"error": f"numpy cannot be imported on the device ({error}): pip install numpy", "missing": "numpy"})
         return 2
-    sys.path.insert(0, support)
+    # Appended, not prepended: the deployment folder (which holds the bundle) must never shadow an
+    # installed module; it only adds the runtime package under its own name.
+    sys.path.append(support)
     from pathlib import Path
 
     from slm_runtime import main as rt_main

@@ -16,10 +16,12 @@ from .errors import SlmExportError
 
 
 def measure_on_host(bundle_dir: Path, decode_tokens: int = 64, repeats: int = 3, warmup: int = 1,
-                    threads: int | None = None, timeout_s: float = 1800) -> dict:
+                    threads: int | None = None, timeout_s: float = 1800, verify_files: bool = True) -> dict:
     """Latency figures (load, TTFT, prefill/decode tok/s, per-token percentiles, peak RSS) on this machine."""
     cmd = [sys.executable, "-m", "exporter.runtime.main", str(bundle_dir), "--decode-tokens", str(decode_tokens),
-           "--repeats", str(repeats), "--warmup", str(warmup)]
+           "--repeats", str(repeats), "--warmup", str(warmup), "--json"]
+    if not verify_files:
+        cmd.append("--no-verify")
     if threads:
         cmd += ["--threads", str(threads)]
     project_root = str(Path(__file__).resolve().parent.parent)

@@ -7,7 +7,7 @@ path is trusted, and then read with ``torch.load(weights_only=True)`` by transfo
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import importlib.util
 import json
 import os
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ModelLoadError
+from .runtime.files import sha256_file  # noqa: F401  (also used by callers of this module)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -66,14 +67,6 @@ class LoadedModel:
 def default_cache_dir() -> Path:
     """Where converted embedded models are kept: $SLM_EXPORT_CACHE or ~/.cache/slm-export."""
     return Path(os.environ.get("SLM_EXPORT_CACHE", Path.home() / ".cache" / "slm-export"))
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_model(spec: str | None = None, cache_dir: Path | None = None, trust_pickle: bool = False) -> LoadedModel:
@@ -240,13 +233,21 @@ def _load_folder(folder: Path, trust_pickle: bool, identity: dict) -> LoadedMode
     kind = _model_kind(config)
     cls = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
     try:
-        model = cls.from_pretrained(
-            str(folder), dtype=torch.float32, use_safetensors=(weights == "safetensors"),
-            attn_implementation="sdpa",
-        )
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        with _quiet_load_report():
+            model, info = cls.from_pretrained(
+                str(folder), dtype=torch.float32, use_safetensors=(weights == "safetensors"),
+                attn_implementation="sdpa", output_loading_info=True,
+            )
     except Exception as e:
         raise ModelLoadError(f"cannot load {folder}: {_condense(e)}") from None
+    _check_loading_info(folder, config, info)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:
+        files = [n for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt") if (folder / n).exists()]
+        raise ModelLoadError(f"cannot load the tokenizer of {folder} ({', '.join(files) or 'no tokenizer files'}): "
+                             f"{_condense(e)}", hint="a model folder needs a tokenizer.json (or the files its "
+                             "tokenizer_config.json names)") from None
     model.eval()
     conv1d_to_linear(model)
     identity = dict(identity)
@@ -257,6 +258,35 @@ def _load_folder(folder: Path, trust_pickle: bool, identity: dict) -> LoadedMode
         "weights_format": weights,
     })
     return LoadedModel(model=model, tokenizer=tokenizer, kind=kind, folder=folder, identity=identity)
+
+
+def _check_loading_info(folder: Path, config, info: dict) -> None:
+    """Refuse weights that do not cover the config: transformers would initialise the missing ones at
+    random, in the reference too, so every parity check would pass on a model that is not the user's."""
+    problems = []
+    for key, what in (("missing_keys", "missing from the weights"), ("mismatched_keys", "of the wrong shape"),
+                      ("unexpected_keys", "in the weights but not in the model the config describes")):
+        names = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(key) or [])
+        if names:
+            problems.append(f"{len(names)} tensors {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+    if problems:
+        raise ModelLoadError(
+            f"the weights in {folder} do not match its config.json ({config.model_type}, "
+            f"{getattr(config.get_text_config(), 'num_hidden_layers', '?')} layers): " + "; ".join(problems),
+            hint="config.json and the safetensors files must come from the same model")
+
+
+@contextlib.contextmanager
+def _quiet_load_report():
+    """transformers prints a load report table for missing keys; we raise our own one-line error instead."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def conv1d_to_linear(model) -> int:

@@ -41,8 +41,11 @@ def artifact_logits(runner, ids: list[int]) -> np.ndarray:
 def greedy_prompt(tokenizer) -> list[int]:
     """A fixed chat prompt (when the tokenizer has a chat template) or the eval text's first words."""
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": GREEDY_QUESTION}],
-                                            add_generation_prompt=True, tokenize=True)
+        from .limits import render_chat_template
+
+        ids = render_chat_template(lambda: tokenizer.apply_chat_template(
+            [{"role": "user", "content": GREEDY_QUESTION}], add_generation_prompt=True, tokenize=True),
+            "the model's chat template")
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     return tokenizer(" ".join(eval_text().split()[:24]), add_special_tokens=False)["input_ids"]
 

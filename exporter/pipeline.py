@@ -73,11 +73,11 @@ def run(req: ExportRequest, progress: Callable[[str], None] = lambda m: None) ->
     if target.custom_pipeline is not None:
         return target.custom_pipeline(req, progress)
     target, fmt, recipe = resolve(req)
-    bundle.check_out_dir(req.out, req.force)
+    bundle.check_out_dir(req.out, req.force, protected_paths(req))
     if req.device_runner:
         _precheck_device(target, fmt.name, req)
-    calib = calibration_texts(req.calibration) if get_recipe(recipe).calibrated else []
-    with bundle.staging_dir(req.out) as staging:
+    calib = calibration_texts(req.calibration, progress) if get_recipe(recipe).calibrated else []
+    with bundle.writing(req.out, req.force, protected_paths(req), progress) as staging:
         t0 = time.perf_counter()
         progress(f"load: {req.model or 'embedded default smollm2-135m-instruct'}")
         loaded = load_model(req.model, cache_dir=req.cache_dir, trust_pickle=req.trust_pickle)
@@ -101,7 +101,7 @@ def run(req: ExportRequest, progress: Callable[[str], None] = lambda m: None) ->
 
         t0 = time.perf_counter()
         progress("validate: parity against PyTorch")
-        runner = open_runner(staging, spec)
+        runner = open_runner(staging, spec, verify_files=False)  # written by this run, moments ago
         parity_result = parity.evaluate(loaded, runner, recipe, greedy_tokens=req.greedy_tokens, progress=progress)
         del runner
         timings["parity_s"] = time.perf_counter() - t0
@@ -115,7 +115,8 @@ def run(req: ExportRequest, progress: Callable[[str], None] = lambda m: None) ->
         if req.measure:
             t0 = time.perf_counter()
             progress(f"measure: latency on this machine ({req.repeats} repeats, {req.decode_tokens} decode tokens)")
-            latency_result = latency.measure_on_host(staging, req.decode_tokens, req.repeats, threads=req.threads)
+            latency_result = latency.measure_on_host(staging, req.decode_tokens, req.repeats, threads=req.threads,
+                                                     verify_files=False)
             timings["measure_s"] = time.perf_counter() - t0
 
         device_result = None
@@ -140,6 +141,18 @@ def run(req: ExportRequest, progress: Callable[[str], None] = lambda m: None) ->
         report.write_reports(staging, manifest)
         bundle.publish(staging, req.out)
     return manifest
+
+
+def protected_paths(req: ExportRequest) -> tuple[Path, ...]:
+    """What ``--out`` must never replace: the model (file or folder), the model cache, the calibration text."""
+    from .loading import EMBEDDED, default_cache_dir
+
+    paths = [req.cache_dir or default_cache_dir()]
+    if req.model and req.model not in EMBEDDED:
+        paths.append(Path(req.model).expanduser())
+    if req.calibration:
+        paths.append(Path(req.calibration))
+    return tuple(paths)
 
 
 def _precheck_device(target, fmt_name: str, req: ExportRequest) -> None:

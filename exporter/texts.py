@@ -6,6 +6,8 @@ calibrates static quantization by default, so calibration never sees the evaluat
 
 from __future__ import annotations
 
+import os
+import stat
 from importlib import resources
 from pathlib import Path
 
@@ -21,19 +23,48 @@ def eval_text() -> str:
     return builtin_text("eval_english.txt")
 
 
-def calibration_texts(path: Path | None = None) -> list[str]:
-    """Calibration text: the user's file (``--calibration FILE``) or the built-in sample, as paragraphs."""
+# Calibration uses at most a few dozen windows of a few hundred tokens (~100 KB of text); a bigger
+# file is read up to this bound, so a huge file (or /dev/zero) cannot exhaust memory.
+CALIBRATION_MAX_BYTES = 4 << 20
+
+
+def calibration_texts(path: Path | None = None, progress=lambda m: None) -> list[str]:
+    """Calibration text: the user's file (``--calibration FILE``) or the built-in sample, as paragraphs.
+
+    The file must be a regular file (a FIFO would block, a device never end) of UTF-8 text; only its
+    first ``CALIBRATION_MAX_BYTES`` are read.
+    """
     if path is not None:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise SlmExportError(f"cannot read calibration file {path}: {e}") from None
+        text = _read_calibration(Path(path), progress)
         if len(text.split()) < 20:
             raise SlmExportError(f"calibration file {path} holds too little text (need at least 20 words)")
     else:
         text = builtin_text("calibration_english.txt")
     paragraphs = [" ".join(p.split()) for p in text.split("\n\n")]
     return [p for p in paragraphs if p]
+
+
+def _read_calibration(path: Path, progress) -> str:
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise SlmExportError(f"calibration file {path} is not a regular file (a FIFO, device or folder)",
+                                 hint="give a text file, e.g. --calibration my_texts.txt")
+        with open(path, "rb") as f:
+            data = f.read(CALIBRATION_MAX_BYTES)
+    except OSError as e:
+        raise SlmExportError(f"cannot read calibration file {path}: {e.strerror}") from None
+    if st.st_size > CALIBRATION_MAX_BYTES:
+        progress(f"calibration: using the first {CALIBRATION_MAX_BYTES >> 20} MB of {path} "
+                 f"({st.st_size / 2**20:.0f} MB); calibration needs far less")
+        data = data[:data.rfind(b"\n") + 1 or len(data)]  # whole lines only
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if st.st_size > CALIBRATION_MAX_BYTES and e.start >= len(data) - 3:  # the bound cut a character
+            return data[:e.start].decode("utf-8")
+        raise SlmExportError(f"calibration file {path} is not UTF-8 text (byte {e.start})",
+                             hint="convert it with iconv -t utf-8") from None
 
 
 def token_windows(tokenizer, text: str, window: int, max_windows: int) -> list[list[int]]:

@@ -61,8 +61,13 @@ def test_manifest_hashes_match_files(rpi_bundle):
 
     out, _ = rpi_bundle
     assert verify(out) == []
-    (out / "runtime.json").write_text((out / "runtime.json").read_text() + " ")
-    assert verify(out) == ["runtime.json"]
+    original = (out / "runtime.json").read_text()
+    (out / "runtime.json").write_text(original + " ")
+    try:
+        assert [p.split(":")[0] for p in verify(out)] == ["runtime.json"]
+    finally:
+        (out / "runtime.json").write_text(original)
+    assert verify(out) == []
 
 
 def test_existing_output_refused_without_force(rpi_bundle, tiny_model_dir):
@@ -169,7 +174,7 @@ def test_device_runner_checks_shipped_reference(rpi_bundle):
     """The device-side runner alone (numpy + onnxruntime) re-checks parity from the bundle's reference."""
     out, _ = rpi_bundle
     proc = subprocess.run([sys.executable, "-m", "exporter.runtime.main", str(out), "--parity", "--decode-tokens", "4",
-                           "--repeats", "1"], capture_output=True, text=True, timeout=300,
+                           "--repeats", "1", "--json"], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["parity"]["top1_agreement"] >= 0.8 and result["parity"]["greedy_identical"] in (True, False)

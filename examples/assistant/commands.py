@@ -109,7 +109,11 @@ class Embedder:
                                hint="pip install transformers torch, or pass --embedder an exported encoder bundle") from None
 
             self.model = AutoModel.from_pretrained(folder).eval()
-        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises a bare Exception naming no file
+            raise AppError(f"cannot read the tokenizer {folder / 'tokenizer.json'}: {str(e).splitlines()[0][:200]}"
+                           ) from None
         self.tokenizer.enable_truncation(128)
         self.tokenizer.no_padding()
 

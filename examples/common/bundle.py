@@ -11,6 +11,7 @@ from pathlib import Path
 
 from exporter.errors import SlmExportError
 from exporter.runtime.base import RunnerError, open_runner, read_spec
+from exporter.runtime.files import BundleFileError, bundle_path
 
 # What the apps use when no --bundle is given: the README's host bundle, exported on first use.
 DEFAULT_EXPORT = ["--target", "host", "--format", "onnx", "--recipe", "int8-dynamic"]
@@ -60,9 +61,13 @@ class Bundle:
                            hint="use an instruct model's bundle (its tokenizer_config.json or chat_template.jinja)")
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+        from exporter.limits import render_chat_template
+
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **self.special)
+        # The template comes from the bundle: sandboxed (no file or attribute access) and time-bounded.
+        return render_chat_template(lambda: env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **self.special),
+            f"the chat template of {self.path}")
 
 
 def _token_str(value) -> str | None:
@@ -105,7 +110,12 @@ def open_bundle(path: Path, threads: int | None = None, context: int | None = No
     if context:
         window = min(window, context)
     special = {k: _token_str(tok_config.get(k)) or "" for k in ("bos_token", "eos_token")}
-    return Bundle(path=path, spec=spec, runner=runner, tokenizer=Tokenizer.from_file(str(path / "tokenizer.json")),
+    try:
+        tokenizer = Tokenizer.from_file(str(bundle_path(path, "tokenizer.json", "tokenizer")))
+    except (BundleFileError, Exception) as e:  # tokenizers raises a bare Exception for a bad file
+        raise AppError(f"cannot read the tokenizer {path / 'tokenizer.json'}: {str(e).splitlines()[0][:200]}",
+                       hint="re-export the bundle") from None
+    return Bundle(path=path, spec=spec, runner=runner, tokenizer=tokenizer,
                   eos_ids=list(spec.get("eos_token_ids") or []), context=int(window),
                   chat_template=_chat_template(path, tok_config), special=special)
 

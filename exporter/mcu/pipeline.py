@@ -76,7 +76,7 @@ def run(req, progress: Callable[[str], None] = lambda m: None) -> dict:
     """Build, check and publish the mcu bundle at ``req.out``; return its manifest."""
     check_request(req)
     board, budget = resolve_budget(req)
-    bundle.check_out_dir(req.out, req.force)
+    bundle.check_out_dir(req.out, req.force, (req.cache_dir or default_cache_dir(),))
     timings = {}
     t0 = time.perf_counter()
     cfg = distill.StudentConfig(**req.extra.get("student", {}))
@@ -84,7 +84,7 @@ def run(req, progress: Callable[[str], None] = lambda m: None) -> dict:
                                                   retrain=bool(req.extra.get("retrain")), progress=progress)
     timings["distill_s"] = time.perf_counter() - t0
 
-    with bundle.staging_dir(req.out) as staging:
+    with bundle.writing(req.out, req.force, (req.cache_dir or default_cache_dir(),), progress) as staging:
         t0 = time.perf_counter()
         progress("export: litert-torch -> ai-edge-quantizer full-integer int8 (calibrated on training commands)")
         model, emb_q, quant = build_model(d)

@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import importlib
-import json
 import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from .files import SPEC_MAX_BYTES, BundleFileError, bundle_path, load_manifest, read_json, verify_bundle
+
 RUNTIME_SPEC = "runtime.json"  # written by the exporter next to the artifact; read by the runners
 REFERENCE_FILE = "parity_reference.npz"  # expected outputs shipped in the bundle (exporter.parity)
+KINDS = ("causal-lm", "encoder")
 
 
-class RunnerError(Exception):
+class RunnerError(BundleFileError):
     """The bundle cannot be run here (missing runtime package, bad bundle, context overflow)."""
+
+
+def artifact_path(bundle_dir: Path, spec: dict) -> Path:
+    """The artifact file runtime.json names, checked to be a plain file inside the bundle."""
+    try:
+        return bundle_path(bundle_dir, spec.get("artifact"), "artifact")
+    except BundleFileError as e:
+        raise RunnerError(str(e)) from None
 
 
 class CausalLMRunner:
@@ -91,16 +101,51 @@ class EncoderRunner:
 
 
 def read_spec(bundle_dir: Path) -> dict:
-    """The ``runtime.json`` of a bundle (format, artifact file, model kind and shapes)."""
-    path = Path(bundle_dir) / RUNTIME_SPEC
-    if not path.exists():
+    """The ``runtime.json`` of a bundle (format, artifact file, model kind and shapes), bounded and checked."""
+    if not (Path(bundle_dir) / RUNTIME_SPEC).exists():
         raise RunnerError(f"{bundle_dir} has no {RUNTIME_SPEC}: not a slm-export bundle")
-    return json.loads(path.read_text())
+    try:
+        spec = read_json(bundle_path(bundle_dir, RUNTIME_SPEC, RUNTIME_SPEC), SPEC_MAX_BYTES, RUNTIME_SPEC)
+    except BundleFileError as e:
+        raise RunnerError(str(e)) from None
+    check_spec(spec, Path(bundle_dir) / RUNTIME_SPEC)
+    return spec
 
 
-def open_runner(bundle_dir: Path, spec: dict | None = None, **options):
-    """Open the runner for the bundle's format (module ``<format>_runner`` of this package)."""
+def check_spec(spec: dict, where: object = RUNTIME_SPEC) -> None:
+    """Refuse a runtime.json whose basic fields are missing or of the wrong type (one clear message)."""
+    for key in ("format", "artifact"):
+        if not isinstance(spec.get(key), str) or not spec[key]:
+            raise RunnerError(f"{where} has no {key!r} (a string): not a valid slm-export runtime.json")
+    if not spec["format"].isidentifier():
+        raise RunnerError(f"{where} names the format {spec['format']!r}, which is not a format name")
+    if spec.get("kind", "causal-lm") not in KINDS:
+        raise RunnerError(f"{where}: kind {spec.get('kind')!r} is not one of {', '.join(KINDS)}")
+
+
+def verify(bundle_dir: Path) -> None:
+    """Check the bundle against its manifest before anything is loaded; RunnerError on any difference."""
+    try:
+        problems = verify_bundle(bundle_dir, load_manifest(bundle_dir))
+    except BundleFileError as e:
+        raise RunnerError(f"{bundle_dir} cannot be verified: {e}") from None
+    if problems:
+        shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+        raise RunnerError(f"{bundle_dir} does not match its manifest: {shown}")
+
+
+def open_runner(bundle_dir: Path, spec: dict | None = None, verify_files: bool = True, **options):
+    """Open the runner for the bundle's format (module ``<format>_runner`` of this package).
+
+    With ``verify_files`` (the default) the bundle is first checked against its manifest (sha256 and
+    size of every file, nothing undeclared), so a folder without manifest.json is refused; the
+    exporter passes False only for the staging folder it has just written itself.
+    """
+    if verify_files:
+        verify(bundle_dir)
     spec = spec or read_spec(bundle_dir)
+    check_spec(spec)
+    artifact_path(bundle_dir, spec)
     fmt = spec["format"]
     try:
         module = importlib.import_module(f"{__package__}.{fmt}_runner")

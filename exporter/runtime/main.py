@@ -1,9 +1,11 @@
-"""Run a bundle here and print one JSON result: load time, latency figures, peak RSS, runtime, device.
+"""Run a bundle here and report load time, latency figures, peak RSS, runtime and device.
 
-    python -m exporter.runtime.main BUNDLE_DIR [--decode-tokens N] [--repeats R] [--threads T] [--parity]
+    python -m exporter.runtime.main BUNDLE_DIR [--decode-tokens N] [--repeats R] [--threads T] [--parity] [--json]
 
-The host latency check runs this in a fresh process (so peak RSS is the runtime's alone), and the
-device adapters run the same file on the device.
+A table for people; with ``--json`` one JSON line (what the host latency check and the device
+adapters read). The host latency check runs this in a fresh process (so peak RSS is the runtime's
+alone), and the device adapters run the same file on the device. The bundle is checked against its
+manifest before anything is loaded (``--no-verify`` is for the exporter's own staging folder).
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from .base import (
     measure_latency,
     open_runner,
     peak_rss_mb,
-    read_spec,
 )
 
 
@@ -92,10 +93,11 @@ def check_parity(runner, bundle_dir: Path) -> dict | None:
 
 
 def run(bundle_dir: Path, decode_tokens: int, repeats: int, warmup: int, threads: int | None,
-        parity: bool = False) -> dict:
-    spec = read_spec(bundle_dir)
+        parity: bool = False, verify_files: bool = True) -> dict:
+    """Open the bundle (verified against its manifest), measure latency, optionally check parity."""
     t0 = time.perf_counter()
-    runner = open_runner(bundle_dir, spec, threads=threads)
+    runner = open_runner(bundle_dir, None, verify_files=verify_files, threads=threads)
+    spec = runner.spec
     load_s = time.perf_counter() - t0
     prompt = spec.get("latency_prompt_ids") or [1, 2, 3, 4, 5, 6, 7, 8]
     if isinstance(runner, EncoderRunner):
@@ -124,14 +126,50 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--parity", action="store_true", help="also compare with the bundle's reference outputs")
+    ap.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+    ap.add_argument("--no-verify", action="store_true",
+                    help="skip the manifest check (only for a folder the exporter has just written)")
     args = ap.parse_args(argv)
     try:
-        result = run(args.bundle, args.decode_tokens, args.repeats, args.warmup, args.threads, args.parity)
+        result = run(args.bundle, args.decode_tokens, args.repeats, args.warmup, args.threads, args.parity,
+                     verify_files=not args.no_verify)
     except RunnerError as e:
-        print(json.dumps({"error": str(e)}))
-        return 2
-    print(json.dumps(result))
+        return _fail(str(e), args.json, 2)
+    except Exception as e:  # noqa: BLE001 - a runtime's own failure: one line, not a traceback
+        return _fail(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}",
+                     args.json, 3)
+    print(json.dumps(result) if args.json else format_table(result))
     return 0
+
+
+def _fail(message: str, as_json: bool, code: int) -> int:
+    if as_json:
+        print(json.dumps({"error": message}))
+    else:
+        print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def format_table(result: dict) -> str:
+    """The figures of ``run`` as an aligned plain-text table (this package has no rich on devices)."""
+    lat = result["latency"]
+    rows = [("runtime", f"{result['runtime']} {result['runtime_version']}"),
+            ("device", f"{result['device'].get('hostname')} ({result['device'].get('cpu') or result['device'].get('machine')}, "
+                       f"{result['device'].get('cpu_count')} CPUs)")]
+    figures = (("load_s", "load (s)", "{:.2f}"), ("ttft_ms", "time to first token (ms)", "{:.1f}"),
+               ("prefill_tok_s", "prefill (tok/s)", "{:.1f}"), ("decode_tok_s", "decode (tok/s)", "{:.1f}"),
+               ("encode_ms", "encode (ms)", "{:.2f}"), ("peak_rss_mb", "peak RSS (MB)", "{:.0f}"))
+    rows += [(label, fmt.format(lat[key])) for key, label, fmt in figures if isinstance(lat.get(key), (int, float))]
+    pct = lat.get("per_token_ms") or lat.get("per_call_ms")
+    if pct:
+        rows.append(("p50 / p90 / p99 (ms)", " / ".join(f"{pct[q]:.2f}" for q in ("p50", "p90", "p99"))))
+    par = result.get("parity") or {}
+    for key, label in (("max_abs_err", "max |logit error|"), ("top1_agreement", "top-1 agreement"),
+                       ("cosine_min", "min cosine"), ("greedy_identical", "greedy identical")):
+        if key in par:
+            rows.append((f"parity: {label}", f"{par[key]:.4g}" if isinstance(par[key], float) else str(par[key])))
+    width = max(len(a) for a, _ in rows)
+    return "\n".join(f"{a:<{width}}  {b}" for a, b in rows)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import CausalLMRunner, EncoderRunner, RunnerError
+from .base import CausalLMRunner, EncoderRunner, RunnerError, artifact_path
 
 
 def _session(path: Path, threads: int | None):
@@ -19,7 +19,11 @@ def _session(path: Path, threads: int | None):
     if threads:
         opts.intra_op_num_threads = threads
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]), ort.__version__
+    try:
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types for a bad model
+        raise RunnerError(f"onnxruntime cannot load {path.name}: {str(e).strip().splitlines()[0][:300]}") from None
+    return session, ort.__version__
 
 
 class OnnxCausalLM(CausalLMRunner):
@@ -28,7 +32,7 @@ class OnnxCausalLM(CausalLMRunner):
 
     def __init__(self, bundle_dir: Path, spec: dict, threads: int | None = None):
         super().__init__(bundle_dir, spec)
-        self.session, self.runtime_version = _session(self.bundle_dir / spec["artifact"], threads)
+        self.session, self.runtime_version = _session(artifact_path(self.bundle_dir, spec), threads)
         self.n_layers = spec["num_layers"]
         past_input = next(i for i in self.session.get_inputs() if i.name.startswith("past_key_values"))
         self.kv_dtype = np.float16 if "float16" in past_input.type else np.float32
@@ -69,7 +73,7 @@ class OnnxEncoder(EncoderRunner):
 
     def __init__(self, bundle_dir: Path, spec: dict, threads: int | None = None):
         super().__init__(bundle_dir, spec)
-        self.session, self.runtime_version = _session(self.bundle_dir / spec["artifact"], threads)
+        self.session, self.runtime_version = _session(artifact_path(self.bundle_dir, spec), threads)
 
     def encode(self, token_ids: Sequence[int]) -> np.ndarray:
         ids = np.asarray([token_ids], np.int64)

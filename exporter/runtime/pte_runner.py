@@ -11,13 +11,23 @@ torch is imported here, inside the runner, and only when a ``.pte`` bundle is op
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
+import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .base import CausalLMRunner, EncoderRunner, RunnerError
+from .base import CausalLMRunner, EncoderRunner, RunnerError, artifact_path
+
+# The kernel libraries a program may ask for (runtime.json's ``custom_ops``), by module name. A bundle
+# is untrusted input: it may only pick from ExecuTorch's own modules, never name code of its own.
+KERNEL_LIBRARIES = (
+    "executorch.extension.llm.custom_ops.custom_ops",  # llama::custom_sdpa, update_cache (LLM runner)
+    "executorch.kernels.quantized",  # quantized_decomposed::* portable kernels
+)
 
 
 def _version() -> str:
@@ -32,8 +42,6 @@ def _load_method(path: Path, threads: int | None):
         from executorch.runtime import Runtime
     except ImportError as e:
         raise RunnerError(f"ExecuTorch's Python runtime is not installed ({e}): pip install executorch") from None
-    if not path.exists():
-        raise RunnerError(f"{path} is missing from the bundle")
     if threads:
         _set_threads(int(threads))
     try:
@@ -54,16 +62,29 @@ def _set_threads(threads: int) -> None:
         reset(threads)
 
 
-def _load_kernel_libraries(modules: Sequence[str]) -> None:
-    # Programs that call ExecuTorch's LLM kernels (llama::custom_sdpa) need them registered before
-    # loading; the module that registers them ships in the executorch wheel.
-    import importlib
+def _load_kernel_libraries(modules: Sequence[str], bundle_dir: Path) -> None:
+    """Import the ExecuTorch kernel modules a program needs (e.g. llama::custom_sdpa) before loading it.
 
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except Exception as e:
-            raise RunnerError(f"the program needs kernels from {name}, which does not load here: {e}") from None
+    Only names of ``KERNEL_LIBRARIES`` are accepted, and they are imported with the bundle's folder, its
+    parent and the current folder off ``sys.path``, so no file a bundle brings can stand in for them.
+    """
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise RunnerError(f"runtime.json's custom_ops must be a list of module names (got {modules!r})")
+    refused = [m for m in modules if m not in KERNEL_LIBRARIES]
+    if refused:
+        raise RunnerError(f"the bundle asks to load {', '.join(map(repr, refused))} as kernel code; only "
+                          f"ExecuTorch's own kernel libraries may be loaded ({', '.join(KERNEL_LIBRARIES)})")
+    untrusted = {os.path.realpath(p) for p in (bundle_dir, Path(bundle_dir).parent, os.getcwd())}
+    saved = list(sys.path)
+    sys.path[:] = [p for p in saved if p and os.path.realpath(p) not in untrusted]
+    try:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception as e:
+                raise RunnerError(f"the program needs kernels from {name}, which does not load here: {e}") from None
+    finally:
+        sys.path[:] = saved
 
 
 def _open_program(runner, threads: int | None) -> None:
@@ -71,9 +92,9 @@ def _open_program(runner, threads: int | None) -> None:
     import torch
 
     runner._torch = torch
-    _load_kernel_libraries(runner.spec.get("custom_ops") or [])
+    _load_kernel_libraries(runner.spec.get("custom_ops") or [], runner.bundle_dir)
     runner.runtime_version = _version()
-    runner._program, runner._method = _load_method(runner.bundle_dir / runner.spec["artifact"], threads)
+    runner._program, runner._method = _load_method(artifact_path(runner.bundle_dir, runner.spec), threads)
 
 
 class PteCausalLMRunner(CausalLMRunner):

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import CausalLMRunner, EncoderRunner, RunnerError
+from .base import CausalLMRunner, EncoderRunner, RunnerError, artifact_path
 
 RUNTIMES = ("ai-edge-litert", "tflite-runtime")
 
@@ -84,9 +84,7 @@ def quantize(values: np.ndarray, details: dict) -> np.ndarray:
 class _Base:
     def _open(self, bundle_dir: Path, spec: dict, threads: int | None, runtime: str | None):
         interpreter_class, self.runtime_name, self.runtime_version = load_interpreter_class(runtime)
-        path = Path(bundle_dir) / spec["artifact"]
-        if not path.exists():
-            raise RunnerError(f"{path} is missing from the bundle")
+        path = artifact_path(bundle_dir, spec)
         try:
             self.interpreter = interpreter_class(model_path=str(path), num_threads=threads)
         except (ValueError, RuntimeError) as e:

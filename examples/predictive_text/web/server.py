@@ -9,7 +9,6 @@ index.html / *.js), ``/ort/*`` (node_modules/onnxruntime-web/dist, installed by 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 import sys
@@ -34,20 +33,20 @@ def check_setup(bundle: Path) -> dict:
     if not (ORT_DIST / "ort.wasm.min.mjs").exists():
         raise AppError(f"onnxruntime-web is not installed in {WEB / 'node_modules'}",
                        hint=f"run `{' '.join(NPM_CI)}` from the repository root (needs node/npm)")
-    spec_path = bundle / "runtime.json"
-    if not spec_path.exists():
-        raise AppError(f"{bundle} is not a bundle (no runtime.json)",
-                       hint="pass --bundle DIR of a folder written by `slm-export --format onnx ... --out DIR`")
+    from exporter.runtime.base import RunnerError, artifact_path, read_spec, verify
+
     try:
-        spec = json.loads(spec_path.read_text())
-    except ValueError as e:
-        raise AppError(f"{spec_path} is not valid JSON: {e}", hint="re-export the bundle") from None
+        verify(bundle)  # sha256 of every file against the manifest, nothing undeclared, no symlinks
+        spec = read_spec(bundle)
+        artifact_path(bundle, spec)
+    except RunnerError as e:
+        raise AppError(str(e), hint="pass --bundle DIR of a folder written by `slm-export --format onnx ... --out DIR`"
+                       ) from None
     if spec.get("format") != "onnx" or spec.get("kind") != "causal-lm":
         raise AppError(f"{bundle} holds a {spec.get('format')} {spec.get('kind')} model; the page runs onnx causal LMs",
                        hint="export one with `slm-export --target host --format onnx --out DIR`")
-    for name in (spec["artifact"], "tokenizer.json"):
-        if not (bundle / name).exists():
-            raise AppError(f"{bundle} has no {name}", hint="re-export the bundle")
+    if not (bundle / "tokenizer.json").is_file():
+        raise AppError(f"{bundle} has no tokenizer.json", hint="re-export the bundle")
     return spec
 
 
@@ -58,7 +57,16 @@ class Handler(BaseHTTPRequestHandler):
         self.bundle, self.spec, self.quiet = bundle, spec, quiet
         super().__init__(*args, **kw)
 
+    def host_allowed(self) -> bool:
+        """Only requests addressed to this loopback server: a page on another site that resolves its own
+        name to 127.0.0.1 (DNS rebinding) sends its own Host header and is refused."""
+        port = self.server.server_address[1]
+        return self.headers.get("Host", "") in (f"127.0.0.1:{port}", f"localhost:{port}")
+
     def resolve(self, path: str) -> Path | None:
+        from exporter.runtime.base import RunnerError, artifact_path
+        from exporter.runtime.files import BundleFileError, bundle_path
+
         path = path.split("?", 1)[0]
         if path in ("/", "/index.html"):
             return WEB / "index.html"
@@ -69,13 +77,19 @@ class Handler(BaseHTTPRequestHandler):
             return WEB / name
         if path == f"/ort/{name}":
             return ORT_DIST / name
-        if path == "/bundle/model.onnx":
-            return self.bundle / self.spec["artifact"]
-        if path in ("/bundle/tokenizer.json", "/bundle/runtime.json"):
-            return self.bundle / name
+        try:
+            if path == "/bundle/model.onnx":
+                return artifact_path(self.bundle, self.spec)
+            if path in ("/bundle/tokenizer.json", "/bundle/runtime.json"):
+                return bundle_path(self.bundle, name)
+        except (RunnerError, BundleFileError):
+            return None
         return None
 
     def do_GET(self):  # noqa: N802 (http.server's name)
+        if not self.host_allowed():
+            self.send_error(421, "Misdirected Request: this server answers only to 127.0.0.1 / localhost")
+            return
         file = self.resolve(self.path)
         if file is None or not file.is_file():
             self.send_error(404)
