@@ -365,7 +365,10 @@ class SshTransport(Transport):
         args = ["-o", "BatchMode=yes", "-o", f"StrictHostKeyChecking={check}",
                 "-o", f"ConnectTimeout={max(1, int(round(o.connect_timeout_s)))}",
                 "-o", f"ServerAliveInterval={o.alive_interval_s}", "-o", f"ServerAliveCountMax={o.alive_count_max}",
-                "-o", "LogLevel=ERROR"]
+                # INFO, not ERROR: ssh says "Timeout, server X not responding." (a device that froze or
+                # lost power mid-step) and "Connection to X closed by remote host." only at INFO;
+                # without them an exit 255 would look like the device's program failing silently.
+                "-o", "LogLevel=INFO"]
         if o.ssh_config:
             args = ["-F", str(Path(o.ssh_config).expanduser())] + args
         if o.known_hosts:
