@@ -172,8 +172,12 @@ def recipes():
     console.print(targets)
 
 
-def _run_guarded(fn, debug: bool) -> None:
-    """Run ``fn``; turn known errors into one message and an exit code (tracebacks only with --debug)."""
+def _run_guarded(fn, debug: bool,
+                 interrupted: str = "interrupted: nothing was written (the partial bundle was removed)") -> None:
+    """Run ``fn``; turn known errors into one message and an exit code (tracebacks only with --debug).
+
+    ``interrupted`` is what Ctrl-C / SIGTERM prints (exit 130) when ``fn`` does not handle it itself.
+    """
     # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C so the staging folder is removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
@@ -184,7 +188,7 @@ def _run_guarded(fn, debug: bool) -> None:
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        click.echo("interrupted: nothing was written (the partial bundle was removed)", err=True)
+        click.echo(interrupted, err=True)
         sys.exit(130)
     except OSError as e:  # a full disk, a folder removed under us: say which file and why
         if debug:
@@ -218,12 +222,12 @@ def farm():
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def farm_run(farm_file, bundles, devices, junit, json_path, html_path, debug):
     """Deploy and check every bundle on every device of FARM, in parallel; exit 4 if any device failed or is down."""
-    _run_guarded(lambda: _farm_run(farm_file, bundles, devices, junit, json_path, html_path), debug)
+    _run_guarded(lambda: _farm_run(farm_file, bundles, devices, junit, json_path, html_path), debug,
+                 interrupted="interrupted before any device was contacted; no report was written")
 
 
 def _farm_run(farm_file, bundles, devices, junit, json_path, html_path) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     from . import farm as farm_mod
     from .errors import DeviceError
@@ -231,9 +235,33 @@ def _farm_run(farm_file, bundles, devices, junit, json_path, html_path) -> None:
     console = Console(stderr=True)
     start = time.perf_counter()
     farm_def = farm_mod.load_farm(farm_file)
-    reports = farm_mod.run_farm(farm_def, list(bundles), only=list(devices) or None,
-                                progress=lambda m: console.print(f"[dim]{time.perf_counter() - start:7.1f}s[/dim] {m}"))
+    # Before any device work: an unwritable report path must not cost the whole run's results.
+    farm_mod.check_report_paths({"--junit": junit, "--json": json_path, "--html": html_path})
+    interrupted = None
+    try:
+        reports = farm_mod.run_farm(farm_def, list(bundles), only=list(devices) or None,
+                                    progress=lambda m: console.print(f"[dim]{time.perf_counter() - start:7.1f}s[/dim] {m}"))
+    except farm_mod.FarmInterrupted as e:  # Ctrl-C / SIGTERM: report what finished, then exit 130
+        reports, interrupted = e.reports, e
+    _farm_table(farm_file, reports)  # first: the results are on screen even if a report cannot be written
     farm_mod.write_reports(reports, farm_def, junit=junit, json_path=json_path, html_path=html_path)
+    if interrupted:
+        written = ", ".join(str(p) for p in (junit, json_path, html_path) if p) or "none requested"
+        click.echo(f"interrupted: {interrupted.finished} of {len(reports)} devices finished; "
+                   f"reports written to {written}", err=True)
+        sys.exit(130)
+    bad = [r.name for r in reports if r.status != "passed"]
+    if bad:
+        raise DeviceError(f"{len(bad)} of {len(reports)} devices did not pass: {', '.join(bad)}",
+                          hint="see the reasons above" + (f" and {html_path}" if html_path else ""))
+
+
+def _farm_table(farm_file, reports) -> None:
+    """The summary table of a farm run, one row per device."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(title=f"farm {farm_file}")
     for col in ("device", "target", "status", "checks", "reason"):
         table.add_column(col, overflow="fold")
@@ -241,12 +269,10 @@ def _farm_run(farm_file, bundles, devices, junit, json_path, html_path) -> None:
         counts = {}
         for _, c in r.all_checks():
             counts[c.status] = counts.get(c.status, 0) + 1
-        table.add_row(r.name, r.target, r.status, ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), r.reason)
+        # Text(): a reason quotes device output, which must not be read as rich markup.
+        table.add_row(r.name, r.target, r.status, ", ".join(f"{v} {k}" for k, v in sorted(counts.items())),
+                      Text(r.reason))
     Console(width=160).print(table)
-    bad = [r.name for r in reports if r.status != "passed"]
-    if bad:
-        raise DeviceError(f"{len(bad)} of {len(reports)} devices did not pass: {', '.join(bad)}",
-                          hint="see the reasons above" + (f" and {html_path}" if html_path else ""))
 
 
 @cli.command()

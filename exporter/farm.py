@@ -34,13 +34,14 @@ import shutil
 import tempfile
 import time
 import tomllib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from .bundle import sha256
 from .errors import DeviceError, SlmExportError
+from targets.transports import CANCELLED
 
 DEVICE_SCRIPT = Path(__file__).with_name("farm_device.py")
 RUNTIME_DIR = Path(__file__).with_name("runtime")
@@ -270,10 +271,14 @@ def _make_device(merged: dict, block, fail, base: Path, lines: list[str]) -> Dev
         values[key] = str(p)
     from targets.transports import SAFE_PATH
 
+    if '"' in values.get("known_hosts", "") or "\n" in values.get("known_hosts", ""):
+        fail(block, "known_hosts", f"{where}: known_hosts {values['known_hosts']!r} holds a double quote or a line "
+                                   "break, which ssh cannot read in an option",
+             hint="move the file to a folder whose name has no '\"'")
     if not SAFE_PATH.match(values.get("workdir", "slm-export-farm")) or ".." in PurePosixPath(
             values.get("workdir", "x")).parts:
         fail(block, "workdir", f"{where}: workdir {values.get('workdir')!r} must be a plain path "
-                               "(letters, digits, '.', '_', '-', '/')")
+                               "(letters, digits, '.', '_', '-', '/'; not starting with '-')")
     return Device(line=_device_start(lines, block[1]), **values)
 
 
@@ -282,7 +287,7 @@ def _make_device(merged: dict, block, fail, base: Path, lines: list[str]) -> Dev
 
 @dataclass
 class Check:
-    """One verdict about a device: passed | failed | error | skipped."""
+    """One verdict about a device: passed | failed | error | skipped | interrupted (Ctrl-C)."""
 
     name: str
     status: str
@@ -308,7 +313,7 @@ class DeviceReport:
     target: str
     transport: str
     label: str
-    status: str = "passed"  # passed | failed | down
+    status: str = "passed"  # passed | failed | down | interrupted (Ctrl-C before the device finished)
     reason: str = ""
     checks: list[Check] = field(default_factory=list)  # device-level checks (connect, python)
     runs: list[BundleRun] = field(default_factory=list)
@@ -407,6 +412,10 @@ def _device_script() -> str:
     return DEVICE_SCRIPT.read_text()
 
 
+def _is_interrupt(e: Exception) -> bool:
+    return getattr(e, "kind", None) == "interrupted"
+
+
 def _json_result(res, what: str) -> dict:
     line = res.last_json_line()
     if line is None:
@@ -435,7 +444,8 @@ class DeviceRun:
 
     def python(self, *args) -> list[str]:
         """argv running the device script with the device's Python."""
-        return [self.device.python, "-c", self.script, *map(str, args)]
+        # --exit-on-stdin-eof: the command ends when its ssh client (or this process) goes away.
+        return [self.device.python, "-c", self.script, "--exit-on-stdin-eof", *map(str, args)]
 
     # ------------------------------------------------------------ steps
 
@@ -444,13 +454,15 @@ class DeviceRun:
         try:
             if self._connect():
                 for b in self.bundles:
-                    self.report.runs.append(self._run_bundle(b))
-                    if self.report.status == "down":
+                    if CANCELLED.is_set():
+                        self._interrupted(f"before {b.label}")
+                    if self.report.status in ("down", "interrupted"):
                         break
+                    self.report.runs.append(self._run_bundle(b))
         except DeviceError as e:
             self._down_or_fail(e)
         self.report.seconds = time.perf_counter() - t0
-        if self.report.status != "down":
+        if self.report.status not in ("down", "interrupted"):
             failed = [f"{p + ': ' if p else ''}{c.name}" for p, c in self.report.all_checks()
                       if c.status in ("failed", "error")]
             if failed:
@@ -461,7 +473,14 @@ class DeviceRun:
                 self.report.reason = EMULATED_NOTE  # the row must not be read as the board's speed
         return self.report
 
+    def _interrupted(self, where: str) -> None:
+        self.report.status, self.report.reason = "interrupted", f"interrupted (Ctrl-C) {where}"
+
     def _down_or_fail(self, e: DeviceError) -> None:
+        if _is_interrupt(e):
+            self._interrupted("")
+            self.report.checks.append(Check("connection", "interrupted", str(e)))
+            return
         if getattr(e, "device_down", False):
             self.report.status = "down"
             self.report.reason = str(e)
@@ -477,8 +496,11 @@ class DeviceRun:
         try:
             res = self.transport.run(argv, d.probe_timeout_s, what="the device probe")
         except DeviceError as e:  # unreachable, untrusted, refused, or silent past the probe timeout
-            self.report.status, self.report.reason = "down", str(e)
-            self.report.checks.append(Check("connect", "error", str(e), time.perf_counter() - t0))
+            interrupted = _is_interrupt(e)
+            self.report.status, self.report.reason = ("interrupted", "interrupted (Ctrl-C) during the probe") \
+                if interrupted else ("down", str(e))
+            self.report.checks.append(Check("connect", "interrupted" if interrupted else "error", str(e),
+                                            time.perf_counter() - t0))
             return False
         secs = time.perf_counter() - t0
         if res.returncode == 127 or (res.returncode != 0 and "No such file" in res.stderr):
@@ -520,6 +542,10 @@ class DeviceRun:
             self._run(b, run, dest)
         except DeviceError as e:
             step = "run" if any(c.name == "deploy" for c in run.checks) else "deploy"
+            if _is_interrupt(e):
+                self._interrupted(f"during {step} of {b.label}")
+                run.checks.append(Check(step, "interrupted", str(e)))
+                return run
             if getattr(e, "device_down", False):  # the device went away mid-way: down, with what it got to
                 self.report.status, self.report.reason = "down", f"lost during {step} of {b.label}: {e}"
             run.checks.append(Check(step, "error", str(e)))
@@ -713,6 +739,8 @@ def run_farm(farm: Farm, bundle_dirs: list[str | Path], only: list[str] | None =
         bundles = [load_bundle(p, rt) for p in bundle_dirs]
 
     def one(device: Device) -> DeviceReport:
+        if CANCELLED.is_set():
+            return _not_finished(device)
         try:
             return DeviceRun(device, bundles, progress).execute()
         except DeviceError as e:  # e.g. no ssh client: this device is down, the others go on
@@ -723,8 +751,60 @@ def run_farm(farm: Farm, bundle_dirs: list[str | Path], only: list[str] | None =
                                 status="failed", reason=f"internal error: {type(e).__name__}: {e}",
                                 checks=[Check("farm", "error", f"{type(e).__name__}: {e}")])
 
-    with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(devices)))) as pool:
-        return list(pool.map(one, devices))
+    from targets.transports import reset_cancel
+
+    reset_cancel()
+    pool = ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(devices))))
+    futures = [pool.submit(one, d) for d in devices]
+    try:
+        _wait_all(futures)
+    except KeyboardInterrupt:
+        raise FarmInterrupted(_stop(pool, futures, devices)) from None
+    pool.shutdown()
+    return [f.result() for f in futures]
+
+
+class FarmInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) during ``run_farm``; ``reports`` holds every device, finished or not."""
+
+    def __init__(self, reports: list[DeviceReport]):
+        super().__init__("interrupted")
+        self.reports = reports
+
+    @property
+    def finished(self) -> int:
+        return sum(r.status != "interrupted" for r in self.reports)
+
+
+# After Ctrl-C, how long the device threads get to notice, remove partial folders and record results.
+STOP_GRACE_S = 15.0
+
+
+def _wait_all(futures) -> None:
+    # A bounded wait in a loop, never one blocking join: the main thread must get back to Python
+    # code often, or Ctrl-C would only be delivered once every device is done.
+    pending = set(futures)
+    while pending:
+        _, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+
+
+def _stop(pool: ThreadPoolExecutor, futures, devices: list[Device]) -> list[DeviceReport]:
+    """Cancel the farm: kill every running step, let the device threads clean up briefly, collect."""
+    from targets.transports import cancel
+
+    cancel()
+    pool.shutdown(wait=False, cancel_futures=True)
+    try:
+        wait([f for f in futures if not f.cancelled()], timeout=STOP_GRACE_S)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop waiting, kill whatever started since
+        cancel()
+    return [f.result() if f.done() and not f.cancelled() else _not_finished(d) for f, d in zip(futures, devices)]
+
+
+def _not_finished(device: Device) -> DeviceReport:
+    msg = "interrupted (Ctrl-C) before this device finished"
+    return DeviceReport(device.name, device.target, device.transport, device.host or device.name,
+                        status="interrupted", reason=msg, checks=[Check("farm", "interrupted", msg)])
 
 
 # ---------------------------------------------------------------- reports
@@ -736,13 +816,14 @@ def to_json(reports: list[DeviceReport], farm: Farm | None = None) -> dict:
         "schema": "slm-export/farm/1",
         "farm": str(farm.path) if farm else None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "summary": {s: sum(r.status == s for r in reports) for s in ("passed", "failed", "down")},
+        "summary": {s: sum(r.status == s for r in reports) for s in ("passed", "failed", "down", "interrupted")},
         "devices": [dataclasses.asdict(r) for r in reports],
     }
 
 
 def junit_xml(reports: list[DeviceReport]) -> str:
-    """JUnit XML: one testsuite per device, one testcase per check; a down device is an error."""
+    """JUnit XML: one testsuite per device, one testcase per check; a down device is an error, and so is
+    a check cut short by Ctrl-C (type "interrupted")."""
     import xml.etree.ElementTree as ET
 
     root = ET.Element("testsuites", name="slm-export farm")
@@ -760,8 +841,8 @@ def junit_xml(reports: list[DeviceReport]) -> str:
             if c.status == "failed":
                 ET.SubElement(case, "failure", message=c.message[:500]).text = c.message
                 counts["failures"] += 1
-            elif c.status == "error":
-                ET.SubElement(case, "error", message=c.message[:500]).text = c.message
+            elif c.status in ("error", "interrupted"):
+                ET.SubElement(case, "error", message=c.message[:500], type=c.status).text = c.message
                 counts["errors"] += 1
             elif c.status == "skipped":
                 ET.SubElement(case, "skipped", message=c.message[:500])
@@ -819,16 +900,25 @@ def _plots(reports: list[DeviceReport]) -> dict[str, str]:
     return out
 
 
+def _runtime_cell(run: BundleRun) -> str:
+    return f"{run.label} on {run.result.get('runtime')} {run.result.get('runtime_version')}"
+
+
 def html_report(reports: list[DeviceReport], farm: Farm | None = None) -> str:
-    """One HTML page: summary per device, each check, and the two plots."""
+    """One HTML page: summary per device, each check, and the two plots.
+
+    Every value from a device (probe, runner output), a bundle or the farm file is escaped: a
+    bundle is untrusted input, and a hostname such as ``<script>`` must stay text.
+    """
     import html
 
-    esc = html.escape
+    def esc(value) -> str:
+        return html.escape(str(value), quote=True)
     parts = ["<!doctype html><meta charset='utf-8'><title>slm-export farm</title>",
              "<style>body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:2px 8px;vertical-align:top}.failed,.error,.down{color:#b00}"
-             ".passed{color:#070}.skipped{color:#777}</style>",
-             f"<h1>Device farm{': ' + esc(str(farm.path)) if farm else ''}</h1>",
+             ".passed{color:#070}.skipped{color:#777}.interrupted{color:#a60}</style>",
+             f"<h1>Device farm{': ' + esc(farm.path) if farm else ''}</h1>",
              "<table><tr><th>device<th>target<th>reached as<th>status<th>runtime<th>decode tok/s<th>TTFT ms"
              "<th>peak RSS MB<th>max |logit err|<th>top-1<th>reason"]
     for r in reports:
@@ -840,8 +930,8 @@ def html_report(reports: list[DeviceReport], farm: Farm | None = None) -> str:
             def num(v, f):
                 return f.format(v) if isinstance(v, (int, float)) else ""
             parts.append(
-                f"<tr><td>{esc(r.name)}<td>{esc(r.target)}<td>{esc(r.label)}<td class={r.status}>{r.status}"
-                f"<td>{esc(run.label + ' on ' + run.result['runtime'] + ' ' + run.result['runtime_version']) if run else ''}"
+                f"<tr><td>{esc(r.name)}<td>{esc(r.target)}<td>{esc(r.label)}<td class='{esc(r.status)}'>{esc(r.status)}"
+                f"<td>{esc(_runtime_cell(run)) if run else ''}"
                 f"<td>{num(lat.get('decode_tok_s'), '{:.1f}')}<td>{num(lat.get('ttft_ms'), '{:.1f}')}"
                 f"<td>{num(lat.get('peak_rss_mb'), '{:.0f}')}<td>{num(par.get('max_abs_err'), '{:.3g}')}"
                 f"<td>{num(par.get('top1_agreement'), '{:.3f}')}<td>{esc(r.reason)}")
@@ -851,17 +941,46 @@ def html_report(reports: list[DeviceReport], farm: Farm | None = None) -> str:
         if key in plots:
             parts.append(f"<h2>{alt}</h2><img alt='{alt}' src='data:image/png;base64,{plots[key]}'>")
     for r in reports:
-        parts.append(f"<h2>{esc(r.name)} <span class={r.status}>{r.status}</span></h2>")
+        parts.append(f"<h2>{esc(r.name)} <span class='{esc(r.status)}'>{esc(r.status)}</span></h2>")
         dev = r.probe
         if dev:
-            parts.append(f"<p>{esc(str(dev.get('hostname')))}: {esc(str(dev.get('machine')))}, {esc(str(dev.get('os')))}, "
-                         f"Python {esc(str(dev.get('python')))}, {dev.get('cpu_count')} CPUs</p>")
+            parts.append(f"<p>{esc(dev.get('hostname'))}: {esc(dev.get('machine'))}, {esc(dev.get('os'))}, "
+                         f"Python {esc(dev.get('python'))}, {esc(dev.get('cpu_count'))} CPUs</p>")
         parts.append("<table><tr><th>bundle<th>check<th>status<th>seconds<th>message")
         for prefix, c in r.all_checks():
-            parts.append(f"<tr><td>{esc(prefix)}<td>{esc(c.name)}<td class={c.status}>{c.status}"
+            parts.append(f"<tr><td>{esc(prefix)}<td>{esc(c.name)}<td class='{esc(c.status)}'>{esc(c.status)}"
                          f"<td>{c.seconds:.2f}<td>{esc(c.message)}")
         parts.append("</table>")
     return "\n".join(parts)
+
+
+def check_report_paths(paths: dict[str, Path | None]) -> None:
+    """Make sure every requested report (option name -> path) can be written, before any device work.
+
+    A farm run can take an hour; finding out at the end that ``--json`` points into a read-only
+    folder would lose every result. The parent folder is created (as ``write_reports`` would) and
+    a probe file is written in it and removed.
+    """
+    problems = []
+    for option, path in paths.items():
+        if not path:
+            continue
+        path = Path(path)
+        try:
+            if path.is_dir():
+                raise IsADirectoryError(21, "is a folder")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists():
+                with open(path, "a"):
+                    pass
+            else:
+                with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".check"):
+                    pass
+        except OSError as e:
+            problems.append(f"{option} {path}: {e.strerror or e}")
+    if problems:
+        raise SlmExportError("cannot write the report" + ("s" if len(problems) > 1 else "") + ": " + "; ".join(problems),
+                             hint="choose a path in a folder you can write; no device was contacted")
 
 
 def write_reports(reports: list[DeviceReport], farm: Farm | None = None, junit: Path | None = None,

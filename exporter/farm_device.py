@@ -4,6 +4,11 @@ Standard library only at import time, and self-contained: the farm sends this fi
 device as ``python -c SOURCE COMMAND ...`` (so nothing has to be installed on the device before the
 probe), and prints exactly one JSON line per command:
 
+Any command may be preceded by ``--exit-on-stdin-eof``: the farm keeps this program's stdin open (a pipe it
+never writes) for as long as it wants the command to run, so EOF on stdin means the farm is gone
+(Ctrl-C, its ssh client killed, the connection dropped) and the command stops at once instead of
+running on, unwatched, for up to its deadline.
+
     probe FORMAT [--trtexec CANDIDATE ...]       python, numpy, the format's runtime, ORT providers, trtexec
     verify DIR EXPECTED_JSON                     sha256 + size of every deployed file against EXPECTED_JSON
     run --support DIR --deadline S [--providers P1,P2] [--provider-options JSON] BUNDLE [--decode-tokens N]
@@ -177,6 +182,20 @@ def _start_watchdog(seconds):
     faulthandler.dump_traceback_later(seconds + 10, exit=True)
 
 
+def _exit_on_stdin_eof():
+    """Exit (code 130) as soon as stdin reaches EOF: whoever started this command has gone away."""
+
+    def watch():
+        try:
+            while os.read(0, 4096):
+                pass  # the farm never writes; anything that arrives is ignored
+        except OSError:
+            pass
+        os._exit(130)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def use_ort_providers(requested, provider_options):
     """Make every onnxruntime session use ``requested`` providers (the available ones, in order).
 
@@ -249,6 +268,10 @@ def run(args):
 
 def main(argv):
     commands = {"probe": probe, "verify": verify, "run": run}
+    argv = list(argv)
+    if argv[:1] == ["--exit-on-stdin-eof"]:
+        del argv[0]
+        _exit_on_stdin_eof()
     if not argv or argv[0] not in commands:
         emit({"error": f"usage: probe|verify|run ... (got {argv[:1]})"})
         return 64

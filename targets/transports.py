@@ -29,6 +29,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -39,7 +40,8 @@ from exporter.errors import DeviceError
 
 # Paths the farm creates or removes on a device: plain characters only, so a typo in a farm file
 # cannot turn ``rm -rf`` or ``mv`` into something else. (They are quoted anyway.)
-SAFE_PATH = re.compile(r"^[A-Za-z0-9._/+-][A-Za-z0-9._/+@-]*$")
+# The first character may not be '-': such a path would be read as an option by mkdir, rm or mv.
+SAFE_PATH = re.compile(r"^[A-Za-z0-9._/+][A-Za-z0-9._/+@-]*$")
 
 # The device-side shell snippet that moves a verified partial folder into place. "$1" is the
 # destination, "$2" a name for the previous deployment while it is replaced, "$3" the partial folder.
@@ -53,13 +55,24 @@ CONNECT_PATTERNS = (
     "could not resolve hostname", "name or service not known", "temporary failure in name resolution",
     "broken pipe", "closed by remote host", "operation timed out", "host is down", "lost connection",
 )
+# ssh's own words when an established connection dies: the device froze, lost power or the network
+# went away mid-step (ServerAliveInterval x ServerAliveCountMax without an answer). Checked before
+# CONNECT_PATTERNS ("client_loop: send disconnect: Broken pipe" also says "broken pipe").
+LOST_PATTERNS = ("not responding", "client_loop: send disconnect", "packet_write_wait", "client_loop: ")
+# How ssh's own error lines look (as opposed to the remote program's): exit 255 with one of these is
+# ssh failing, not the device's program. Config errors start with the file name, hence the search.
+SSH_OWN = re.compile(r"^(ssh: |ssh_|command-line line \d+:|command-line: |bad owner or permissions|"
+                     r"no argument after keyword|load key |kex_|channel \d+: |percent_expand|hostkeys_|mux_|"
+                     r"control_)|line \d+: (bad configuration option|unsupported option)|"
+                     r"terminating, \d+ bad configuration options", re.I)
 HOSTKEY_CHANGED = "remote host identification has changed"
 HOSTKEY_FAILED = "host key verification failed"
 AUTH_FAILED = ("permission denied", "too many authentication failures", "no more authentication methods")
 
 
 class TransportError(DeviceError):
-    """A step on a device failed; ``kind`` says why: connect | hostkey | auth | timeout | command | copy."""
+    """A step on a device failed; ``kind`` says why: connect | hostkey | auth | lost | ssh | timeout | command |
+    copy | interrupted (``cancel()``: Ctrl-C)."""
 
     def __init__(self, message: str, hint: str | None = None, kind: str = "command"):
         super().__init__(message, hint)
@@ -68,7 +81,7 @@ class TransportError(DeviceError):
     @property
     def device_down(self) -> bool:
         """The device cannot be reached or trusted at all (as opposed to a step failing on it)."""
-        return self.kind in ("connect", "hostkey", "auth")
+        return self.kind in ("connect", "hostkey", "auth", "lost", "ssh")
 
 
 @dataclass
@@ -87,36 +100,139 @@ class Result:
         return lines[-1] if lines else None
 
 
+# ---------------------------------------------------------------- cancellation
+#
+# Ctrl-C reaches only the main thread, while the device steps block in worker threads on child
+# processes that live in their own sessions (so the terminal's SIGINT never reaches them). The main
+# thread therefore calls ``cancel()``: it sets CANCELLED and kills every live process group; a worker
+# blocked in ``_run_process`` then returns at once with an "interrupted" TransportError, and no new
+# step starts, except cleanup steps (``cleanup_steps()``), which stay allowed with a short timeout.
+
+CANCELLED = threading.Event()
+CLEANUP_TIMEOUT_S = 10.0
+_live: set = set()  # Popen objects of running steps
+_live_lock = threading.Lock()
+_local = threading.local()
+
+
+def cancel() -> None:
+    """Stop every running step now (kill each process group) and refuse new non-cleanup steps."""
+    CANCELLED.set()
+    with _live_lock:
+        procs = list(_live)
+    for proc in procs:
+        _kill_group(proc)
+
+
+def reset_cancel() -> None:
+    """Allow steps again (a new farm run in the same process)."""
+    CANCELLED.clear()
+
+
+@contextlib.contextmanager
+def cleanup_steps():
+    """Inside this block, steps still run after ``cancel()`` (removing partial folders), briefly."""
+    _local.cleanup = True
+    try:
+        yield
+    finally:
+        _local.cleanup = False
+
+
+def _interrupted(what: str) -> TransportError:
+    return TransportError(f"{what or 'the step'} was interrupted (Ctrl-C)", kind="interrupted")
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    # ssh (or a local runner) may have children; killing the group is the only way to make sure
+    # nothing is left holding the terminal or the device connection.
+    proc.slm_killed = True
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _reader(stream, chunks: list) -> threading.Thread:
+    t = threading.Thread(target=lambda: chunks.append(stream.read()), daemon=True)
+    t.start()
+    return t
+
+
 def _run_process(cmd: list[str], timeout: float, cwd: str | None = None, env: Mapping[str, str] | None = None,
                  what: str = "") -> tuple[int, str, str, float]:
-    """Run ``cmd`` (a list) in its own process group; on timeout kill the whole group and raise."""
+    """Run ``cmd`` (a list) in its own process group; on timeout or ``cancel()`` kill the whole group and raise.
+
+    stdin is a pipe that is never written and stays open while the program runs: the device-side
+    runner watches it, so when this ssh client dies (killed here), the remote stdin reaches EOF and
+    the remote run stops too. (``communicate()`` would close stdin at once, hence the reader threads.)
+    """
+    cleanup = getattr(_local, "cleanup", False)
+    if CANCELLED.is_set():
+        if not cleanup:
+            raise _interrupted(what)
+        timeout = min(timeout, CLEANUP_TIMEOUT_S)
     t0 = time.perf_counter()
     try:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, cwd=cwd, env=dict(env) if env is not None else None,
                                 start_new_session=True)
     except OSError as e:
         raise TransportError(f"cannot start {cmd[0]}: {e.strerror}", kind="command") from None
+    proc.slm_killed = False
+    with _live_lock:
+        _live.add(proc)
+    if CANCELLED.is_set() and not cleanup:  # cancel() ran between the check above and the registration
+        _kill_group(proc)
+    out, err = [], []
+    readers = [_reader(proc.stdout, out), _reader(proc.stderr, err)]
     try:
-        out, err = proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
+        timed_out = False
     except subprocess.TimeoutExpired:
-        # ssh (or a local runner) may have children; killing the group is the only way to make
-        # sure nothing is left holding the terminal or the device connection.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        _kill_group(proc)
+        proc.wait()
+        timed_out = True
+    finally:
+        with _live_lock:
+            _live.discard(proc)
+    for r in readers:  # a killed group closes the pipes; a leftover grandchild must not hang us
+        r.join(timeout=5 if (timed_out or proc.slm_killed) else None)
+    with contextlib.suppress(OSError):
+        proc.stdin.close()
+    if proc.slm_killed and not timed_out:
+        raise _interrupted(what)
+    if timed_out:
         raise TransportError(f"{what or cmd[0]} did not finish within {timeout:g} s (stopped)",
                              hint="the device stopped answering or the step is slower than its timeout; "
                                   "raise the device's timeout in the farm file if it is just slow",
-                             kind="timeout") from None
-    return proc.returncode, out, err, time.perf_counter() - t0
+                             kind="timeout")
+    return proc.returncode, "".join(out), "".join(err), time.perf_counter() - t0
+
+
+def check_known_hosts_path(path: str) -> str:
+    """Refuse a known_hosts path that ssh's option parser cannot take even quoted (a double quote in it)."""
+    if '"' in str(path) or "\n" in str(path):
+        raise DeviceError(f"known_hosts path {str(path)!r} holds a double quote or a line break, which ssh "
+                          "cannot read in an option", hint="move the known_hosts file to a folder without '\"'")
+    return path
+
+
+def ssh_quote(value: str) -> str:
+    """``value`` as ONE word for ssh's own ``-o`` parser.
+
+    ssh splits an ``-o Key=value`` argument like a config line: a space separates words (for
+    UserKnownHostsFile: several files), double quotes group, a backslash escapes '\\' and '"', and
+    '%' starts a token (%d, %h...), so a path with a space or '%' would silently name other files.
+    Double quotes themselves are refused by ``check_known_hosts_path``.
+    """
+    return '"' + value.replace("\\", "\\\\").replace("%", "%%") + '"'
 
 
 def check_remote_path(path: str, what: str = "path") -> str:
     """Refuse device paths with characters that have no place in a deployment folder name."""
     if not path or not SAFE_PATH.match(path) or ".." in PurePosixPath(path).parts:
         raise DeviceError(f"{what} {path!r} is not a plain path",
-                          hint="use letters, digits, '.', '_', '-', '/' (absolute, or relative to the home folder)")
+                          hint="use letters, digits, '.', '_', '-', '/', not starting with '-' "
+                               "(absolute, or relative to the home folder)")
     return path
 
 
@@ -162,7 +278,8 @@ class Transport:
             self.check_run(["sh", "-c", MOVE_INTO_PLACE, "slm-move", dest, f"{dest}.old-{uuid.uuid4().hex[:6]}",
                             partial], 120, "moving the deployment into place")
         except DeviceError as e:
-            self._discard(partial)
+            with cleanup_steps():  # also after Ctrl-C: no partial folder is left on the device
+                self._discard(partial)
             kind = getattr(e, "kind", "copy")
             raise TransportError(f"deploying to {self.label} failed; nothing was deployed to {dest}: {e.message}",
                                  hint=e.hint, kind=kind) from None
@@ -215,6 +332,8 @@ class SshOptions:
     connect_timeout_s: float = 10
     retries: int = 2  # extra attempts after a connection failure
     retry_backoff_s: float = 1.0
+    alive_interval_s: int = 5  # ServerAliveInterval: a device silent this long is asked if it is there
+    alive_count_max: int = 3  # ServerAliveCountMax: unanswered asks before ssh gives the device up
     extra_options: dict = field(default_factory=dict)
 
 
@@ -226,6 +345,8 @@ class SshTransport(Transport):
     def __init__(self, opts: SshOptions, ssh: str = "ssh", scp: str = "scp"):
         if opts.host.startswith("-") or (opts.user or "").startswith("-"):
             raise DeviceError(f"ssh host {opts.host!r} / user {opts.user!r} may not start with '-'")
+        if opts.known_hosts:
+            check_known_hosts_path(opts.known_hosts)
         self.opts = opts
         self.ssh = shutil.which(ssh) or ssh
         self.scp = shutil.which(scp) or scp
@@ -243,11 +364,15 @@ class SshTransport(Transport):
         check = "accept-new" if o.first_contact else "yes"  # accept-new: unknown keys once, changed keys never
         args = ["-o", "BatchMode=yes", "-o", f"StrictHostKeyChecking={check}",
                 "-o", f"ConnectTimeout={max(1, int(round(o.connect_timeout_s)))}",
-                "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3", "-o", "LogLevel=ERROR"]
+                "-o", f"ServerAliveInterval={o.alive_interval_s}", "-o", f"ServerAliveCountMax={o.alive_count_max}",
+                # INFO, not ERROR: ssh says "Timeout, server X not responding." (a device that froze or
+                # lost power mid-step) and "Connection to X closed by remote host." only at INFO;
+                # without them an exit 255 would look like the device's program failing silently.
+                "-o", "LogLevel=INFO"]
         if o.ssh_config:
             args = ["-F", str(Path(o.ssh_config).expanduser())] + args
         if o.known_hosts:
-            args += ["-o", f"UserKnownHostsFile={Path(o.known_hosts).expanduser()}"]
+            args += ["-o", f"UserKnownHostsFile={ssh_quote(str(Path(o.known_hosts).expanduser()))}"]
         if o.identity_file:
             args += ["-i", str(Path(o.identity_file).expanduser()), "-o", "IdentitiesOnly=yes"]
         if o.user:
@@ -312,7 +437,8 @@ class SshTransport(Transport):
                     failure.message += f" (after {i + 1} attempts; the first ended with: {first.message})"
                 raise failure
             first = first or failure
-            time.sleep(o.retry_backoff_s * (2 ** i))
+            if CANCELLED.wait(o.retry_backoff_s * (2 ** i)):
+                raise _interrupted(what)
         raise AssertionError("unreachable")
 
     def classify(self, stderr: str) -> TransportError:
@@ -347,12 +473,24 @@ class SshTransport(Transport):
                      f"{'-p ' + str(o.port) + ' ' if o.port else ''}{self.label.rsplit(':', 1)[0] if o.port else self.label}`"
                      "; a passphrase-protected key must be loaded in ssh-agent (the farm never prompts)",
                 kind="auth")
+        last = (stderr.strip().splitlines() or ["no output"])[-1][:300]
+        if any(p in low for p in LOST_PATTERNS):
+            return TransportError(
+                f"{self.label} stopped answering: {last}",
+                hint=f"the device froze, lost power or left the network (no answer to ssh keepalives for "
+                     f"{o.alive_interval_s * o.alive_count_max} s); check it on its console",
+                kind="lost")
         if any(p in low for p in CONNECT_PATTERNS):
-            last = (stderr.strip().splitlines() or ["no output"])[-1][:300]
             return TransportError(f"{self.label} is unreachable: {last}",
                                   hint="is the device powered, on the network and running sshd? "
                                        f"(connect timeout {o.connect_timeout_s:g} s, {o.retries} retries)",
                                   kind="connect")
+        own = [ln.strip() for ln in stderr.splitlines() if SSH_OWN.search(ln.strip())]
+        if own:  # exit 255 with ssh's own words: ssh failed, the device's program never ran
+            return TransportError(f"ssh failed for {self.label} (exit 255): {'; '.join(own[:2])[:300]}",
+                                  hint="ssh itself could not run the step; check the ssh options of this device "
+                                       "in the farm file (ssh_config, identity_file, known_hosts)",
+                                  kind="ssh")
         return TransportError(f"{self.label}: {(stderr.strip().splitlines() or ['ssh failed'])[-1][:300]}",
                               kind="command")
 

@@ -38,3 +38,15 @@ def tiny_loaded(tiny_model_dir):
         return cache[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def farm_bundle(tiny_model_dir, tmp_path_factory):
+    """One tiny rpi bundle (ONNX int8-dynamic) built with the real CLI, shared by the farm test modules."""
+    from test_cli import run_cli
+
+    out = tmp_path_factory.mktemp("farm-bundle") / "rpi"
+    proc = run_cli("--target", "rpi", "--model", tiny_model_dir("llama"), "--out", out,
+                   "--decode-tokens", "4", "--repeats", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out

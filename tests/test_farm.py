@@ -29,14 +29,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # ---------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def bundle(tiny_model_dir, tmp_path_factory):
-    """One tiny rpi bundle (ONNX int8-dynamic) built with the real CLI."""
-    out = tmp_path_factory.mktemp("farm-bundle") / "rpi"
-    proc = run_cli("--target", "rpi", "--model", tiny_model_dir("llama"), "--out", out,
-                   "--decode-tokens", "4", "--repeats", "1")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+@pytest.fixture
+def bundle(farm_bundle):
+    """One tiny rpi bundle (ONNX int8-dynamic) built with the real CLI (conftest.farm_bundle)."""
+    return farm_bundle
 
 
 def _need_sshd():
