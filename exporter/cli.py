@@ -145,8 +145,17 @@ def _export(req) -> None:
 
 
 @cli.command()
-def recipes():
-    """List every format x recipe this tool supports and each target's defaults."""
+@click.option("--explain", "explain", type=click.Choice(RECIPE_CHOICES), default=None,
+              help="Print this recipe's quantization plan (rules per format).")
+@click.option("--format", "fmt", type=click.Choice(FORMAT_CHOICES), default=None, help="With --explain: only this format.")
+@click.option("--model", default=None, help="With --explain: also show which layer of this model gets what.")
+@click.option("--group-size", type=click.IntRange(8, 1024), default=32, show_default=True)
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def recipes(explain, fmt, model, group_size, debug):
+    """List every format x recipe and each target's defaults; --explain RECIPE prints its plan."""
+    if explain:
+        _run_guarded(lambda: _explain(explain, fmt, model, group_size), debug)
+        return
     from rich.console import Console
     from rich.table import Table
 
@@ -158,10 +167,10 @@ def recipes():
     table = Table(title="recipes by format")
     table.add_column("recipe")
     table.add_column("meaning")
-    for fmt in FORMATS:
-        table.add_column(fmt.name)
+    for f in FORMATS:
+        table.add_column(f.name)
     for recipe in RECIPES:
-        table.add_row(recipe.name, recipe.description, *["yes" if recipe.name in f.recipes else "-" for f in FORMATS])
+        table.add_row(recipe.name, recipe.description, *[_recipe_cell(f, recipe.name) for f in FORMATS])
     console = Console(width=160)
     console.print(table)
     targets = Table(title="targets")
@@ -170,6 +179,89 @@ def recipes():
     for t in TARGETS:
         targets.add_row(t.name, ", ".join(t.formats), ", ".join(f"{f}: {t.default_recipe(f)}" for f in t.formats), t.transport)
     console.print(targets)
+    console.print("`slm-export recipes --explain RECIPE [--model M]` shows a recipe's plan, layer by layer.")
+
+
+def _recipe_cell(fmt, recipe: str) -> str:
+    if recipe in fmt.recipes:
+        return "yes"
+    return fmt.recipe_notes.get(recipe, "-")
+
+
+def _explain(recipe_name: str, fmt_name: str | None, model: str | None, group_size: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .recipes import explain, get_recipe
+
+    recipe = get_recipe(recipe_name)
+    console = Console(width=160)
+    formats = [fmt_name] if fmt_name else list(FORMAT_CHOICES)
+    console.print(f"[bold]{recipe.name}[/bold]: {recipe.description}")
+    th = {k: v for k, v in vars(recipe.thresholds).items() if v not in (None, False)}
+    console.print("parity thresholds: " + ", ".join(f"{k} {v}" for k, v in th.items()))
+    for f in formats:
+        rules = recipe.plan(f)
+        table = Table(title=f"{f} plan (first matching rule wins; layers no rule takes stay float)")
+        for col in ("#", "matches", "gets", "why"):
+            table.add_column(col)
+        for i, rule in enumerate(rules, 1):
+            table.add_row(str(i), rule.match if rule.match != "*" else "* (any other linear)",
+                          rule.describe(group_size), rule.why)
+        if not rules:
+            table.add_row("-", "everything", "float" if recipe.name != "fp16" else "float16", "")
+        console.print(table)
+    if model:
+        from .loading import load_model
+
+        loaded = load_model(model)
+        for f in formats:
+            rows = explain(recipe, f, loaded.family, loaded.model, group_size)
+            table = Table(title=f"{f}: what each layer of {loaded.identity.get('model_type')} "
+                                f"({loaded.family.name} family) gets")
+            for col in ("layer", "role", "gets", "why"):
+                table.add_column(col, overflow="fold")
+            for row in _collapse_layers(rows):
+                table.add_row(*row)
+            console.print(table)
+
+
+def _collapse_layers(rows):
+    """Rows of identical layers across decoder layers shown once, as ``layers.{0..29}.mlp.down_proj``."""
+    import re
+
+    groups: dict = {}
+    for name, role, gets, why in rows:
+        m = re.search(r"\.(\d+)\.", name)
+        key = (re.sub(r"\.\d+\.", ".{i}.", name, count=1) if m else name, role, gets, why)
+        groups.setdefault(key, []).append(int(m.group(1)) if m else None)
+    out = []
+    for (name, role, gets, why), idx in groups.items():
+        if idx and idx[0] is not None:
+            name = name.replace("{i}", f"{{{min(idx)}..{max(idx)}}}" if len(idx) > 1 else str(idx[0]))
+        out.append((name, role, gets, why))
+    return out
+
+
+@cli.command()
+def models():
+    """List the model families: model types, kind, and which formats x recipes tests cover."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .families import FAMILIES, coverage
+
+    covered = coverage()
+    table = Table(title="model families (one file each in exporter/families/)")
+    for col in ("family", "model types", "kind", "onnx", "tflite", "pte", "needs", "e.g."):
+        table.add_column(col, overflow="fold")
+    for fam in sorted(FAMILIES, key=lambda f: (f.kind, f.name)):
+        cells = []
+        for fmt in ("onnx", "tflite", "pte"):
+            reason = fam.refusal(fmt)
+            cells.append(f"refused: {reason}" if reason else ", ".join(covered.get((fam.name, fmt), [])) or "not tested")
+        table.add_row(fam.name, ", ".join(fam.model_types), fam.kind, *cells, ", ".join(fam.special), fam.examples)
+    Console(width=200).print(table)
 
 
 def _run_guarded(fn, debug: bool,

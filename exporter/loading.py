@@ -22,9 +22,6 @@ from .runtime.files import sha256_file  # noqa: F401  (also used by callers of t
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-# model_type values loaded with AutoModel and exported as encoders (hidden states out).
-ENCODER_MODEL_TYPES = ("bert", "roberta", "distilbert", "xlm-roberta", "mpnet", "electra", "albert")
-
 
 @dataclass(frozen=True)
 class EmbeddedModel:
@@ -58,6 +55,7 @@ class LoadedModel:
     kind: str  # "causal-lm" | "encoder"
     folder: Path  # HF folder with config.json and tokenizer files (copied into bundles)
     identity: dict = field(default_factory=dict)
+    family: object = None  # exporter.families.Family: the roles of the model's modules
 
     @property
     def config(self):
@@ -204,21 +202,6 @@ def _safetensors_expected_size(path: Path) -> int | None:
     return 8 + n + max(ends, default=0)
 
 
-def _model_kind(config) -> str:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    if config.model_type in ENCODER_MODEL_TYPES:
-        return "encoder"
-    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return "causal-lm"
-    raise ModelLoadError(
-        f"unsupported architecture {config.model_type!r} ({', '.join(config.architectures or [])})",
-        hint="supported: causal LMs that transformers loads with AutoModelForCausalLM and torch.export "
-        "can trace (tested: llama/SmolLM2, gpt2, qwen2, mistral) and encoders "
-        f"({', '.join(ENCODER_MODEL_TYPES)})",
-    )
-
-
 def _load_folder(folder: Path, trust_pickle: bool, identity: dict) -> LoadedModel:
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
@@ -230,7 +213,10 @@ def _load_folder(folder: Path, trust_pickle: bool, identity: dict) -> LoadedMode
         config = AutoConfig.from_pretrained(str(folder))
     except Exception as e:
         raise ModelLoadError(f"cannot read {folder / 'config.json'}: {_condense(e)}") from None
-    kind = _model_kind(config)
+    from .families import family_for
+
+    family = family_for(config)  # an unsupported architecture is refused here, naming the closest one
+    kind = family.kind
     cls = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
     try:
         with _quiet_load_report():
@@ -253,11 +239,12 @@ def _load_folder(folder: Path, trust_pickle: bool, identity: dict) -> LoadedMode
     identity = dict(identity)
     identity.update({
         "model_type": config.model_type,
+        "family": family.name,
         "architectures": list(config.architectures or []),
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "weights_format": weights,
     })
-    return LoadedModel(model=model, tokenizer=tokenizer, kind=kind, folder=folder, identity=identity)
+    return LoadedModel(model=model, tokenizer=tokenizer, kind=kind, folder=folder, identity=identity, family=family)
 
 
 def _check_loading_info(folder: Path, config, info: dict) -> None:

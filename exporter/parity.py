@@ -16,7 +16,7 @@ from .recipes import get_recipe
 from .runtime import EncoderRunner, greedy_generate
 from .runtime.base import REFERENCE_FILE  # noqa: F401  (the pipeline writes it; runtime.main reads it)
 from .runtime.metrics import logit_metrics  # noqa: F401  (shared with the device-side runner)
-from .texts import eval_text, token_windows
+from .texts import eval_text, special_tokens_around, token_windows
 
 GREEDY_QUESTION = "What is the capital of France?"
 
@@ -47,7 +47,8 @@ def greedy_prompt(tokenizer) -> list[int]:
             [{"role": "user", "content": GREEDY_QUESTION}], add_generation_prompt=True, tokenize=True),
             "the model's chat template")
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-    return tokenizer(" ".join(eval_text().split()[:24]), add_special_tokens=False)["input_ids"]
+    prefix, _ = special_tokens_around(tokenizer)  # a prompt to continue: no end-of-sequence suffix
+    return prefix + tokenizer(" ".join(eval_text().split()[:24]), add_special_tokens=False)["input_ids"]
 
 
 def reference_greedy(model, prompt: list[int], n: int, eos_ids) -> list[int]:

@@ -81,7 +81,7 @@ def run(req: ExportRequest, progress: Callable[[str], None] = lambda m: None) ->
         t0 = time.perf_counter()
         progress(f"load: {req.model or 'embedded default smollm2-135m-instruct'}")
         loaded = load_model(req.model, cache_dir=req.cache_dir, trust_pickle=req.trust_pickle)
-        fmt.check(loaded.kind, recipe)
+        fmt.check(loaded.kind, recipe, loaded.family)
         timings = {"load_s": time.perf_counter() - t0}
 
         t0 = time.perf_counter()

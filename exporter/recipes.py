@@ -14,14 +14,6 @@ from dataclasses import dataclass, field
 from .registry import Registry
 
 
-# The MLP output projection of each decoder family (module paths). It is the most quantization-
-# sensitive layer of a small LM, for two reasons measured on SmolLM2-135M: its input (after the gated
-# activation) carries outlier channels that one per-tensor int8 scale cannot hold (ONNX int8: top-1
-# 0.54 instead of 0.81), and its weights lose most at 4 bits (pte int4-weight: top-1 0.58 with them at
-# 4 bits, 0.70 at 8). The formats' recipes treat these layers specially; each says how.
-MLP_DOWN_PROJECTIONS = ("mlp.down_proj", "mlp.c_proj", "mlp.fc2", "mlp.dense_4h_to_h", "feed_forward.w2")
-
-
 @dataclass(frozen=True)
 class Thresholds:
     """Parity limits a recipe must hold; ``None`` means the metric is reported but not gated."""
@@ -57,15 +49,65 @@ class Thresholds:
         return out
 
 
+WEIGHTS = ("float", "int8", "int4")
+GRANULARITIES = ("channel", "group")  # per output channel, or groups of ``--group-size`` input weights
+ACTIVATIONS = ("float", "dynamic", "static")  # float; int8 quantized at run time; int8 with calibrated ranges
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One line of a quantization plan: which layers it matches and what their weights and inputs get.
+
+    ``match`` is a role of ``exporter.families`` ("down", "lm_head", "embed", ...) or "*" (every linear
+    layer no earlier rule took). Plans are first-match lists, as ExecuTorch's LLM ``QuantRecipe``.
+    """
+
+    match: str
+    weights: str
+    granularity: str = "channel"
+    activations: str = "float"
+    why: str = ""
+
+    def __post_init__(self):
+        if self.weights not in WEIGHTS or self.granularity not in GRANULARITIES or self.activations not in ACTIVATIONS:
+            raise ValueError(f"bad rule {self}")
+
+    def matches(self, role: str | None, is_linear: bool) -> bool:
+        """Whether this rule takes a module of ``role`` (``is_linear``: an nn.Linear, which "*" takes)."""
+        return role == self.match if self.match != "*" else is_linear
+
+    def describe(self, group_size: int | None = None) -> str:
+        if self.weights == "float":
+            return "float"
+        gran = f"groups of {group_size or 'G'}" if self.granularity == "group" else "per channel"
+        act = {"float": "float activations", "dynamic": "int8 dynamic activations",
+               "static": "int8 static activations"}[self.activations]
+        return f"{self.weights} weights {gran}, {act}"
+
+
 @dataclass(frozen=True)
 class Recipe:
-    """A named quantization recipe of the shared vocabulary."""
+    """A named quantization recipe of the shared vocabulary: thresholds and, per format, a plan.
+
+    ``plans`` maps a format name (or "*" for any format without its own) to the ordered rules that
+    format's quantizer applies; layers no rule takes stay float. Each format maps its plan onto its
+    own tool (torchao / pt2e, onnxruntime.quantization, ai-edge-quantizer) and refuses a rule it
+    cannot express.
+    """
 
     name: str
     description: str
     thresholds: Thresholds
     calibrated: bool = False  # needs calibration text (``--calibration FILE`` or the built-in sample)
-    aliases: tuple[str, ...] = field(default=())
+    plans: dict[str, tuple[Rule, ...]] = field(default_factory=dict)
+
+    def plan(self, fmt: str) -> tuple[Rule, ...]:
+        """The rules ``fmt`` applies for this recipe (empty for float recipes)."""
+        return self.plans.get(fmt, self.plans.get("*", ()))
+
+    def rule_for(self, fmt: str, role: str | None, is_linear: bool = True) -> Rule | None:
+        """The first rule of ``fmt``'s plan that takes a module of ``role`` (None: it stays float)."""
+        return next((r for r in self.plan(fmt) if r.matches(role, is_linear)), None)
 
 
 RECIPES: Registry[Recipe] = Registry("recipe")
@@ -85,29 +127,78 @@ _add(Recipe(
     "fp16", "float16 weights and compute, float32 inputs/outputs",
     Thresholds(top1_min=0.95, top5_min=0.93, ppl_rel_change_max=0.02, encoder_cosine_min=0.999),
 ))
+# Why the special rules, measured on SmolLM2-135M: the MLP down projection's input carries outlier
+# channels that one per-tensor int8 scale cannot hold (ONNX int8: top-1 0.54 instead of 0.81), and its
+# weights lose most at 4 bits (pte int4-weight: top-1 0.58 with them at 4 bits, 0.70 at 8); a 4-bit
+# lm_head costs ~0.12 of top-1 agreement (0.48 with it at 4 bits on pte).
+_DOWN_OUTLIERS = "activation outliers: a per-tensor int8 scale cannot hold them"
+_DOWN_4BIT = "the most 4-bit-sensitive linear of a small LM"
+_HEAD_4BIT = "4-bit lm_head costs ~0.12 of top-1 agreement"
+
 _add(Recipe(
     "int8-dynamic", "int8 weights (per channel), activations quantized on the fly at run time",
     # measured SmolLM2: onnx top1 0.86 ppl +9.4% (before int8 embeddings; 256-token check after: 0.82, +4.4%),
     # tflite top1 0.90
     Thresholds(top1_min=0.78, top5_min=0.75, ppl_rel_change_max=0.15, encoder_cosine_min=0.98),
+    plans={
+        # onnxruntime's dynamic int8 scales activations per tensor: the down projections keep float inputs.
+        "onnx": (Rule("down", "int8", "group", "float", _DOWN_OUTLIERS),
+                 Rule("embed", "int8", why="int8 embedding table (Gather)"),
+                 Rule("*", "int8", "channel", "dynamic")),
+        "*": (Rule("*", "int8", "channel", "dynamic"),),
+    },
 ))
 _add(Recipe(
     "int8-static", "int8 weights and activations, activation ranges calibrated on text",
     # measured SmolLM2: onnx QDQ top1 0.64 ppl +27.8% (MLP down projections float); tflite top1 0.76
     Thresholds(top1_min=0.60, top5_min=0.60, ppl_rel_change_max=0.35, encoder_cosine_min=0.95),
     calibrated=True,
+    plans={
+        "onnx": (Rule("down", "int8", "group", "float", _DOWN_OUTLIERS), Rule("*", "int8", "channel", "static")),
+        # token-specific outliers at the down projection's input: per-token dynamic int8 there (0.40 -> 0.82)
+        "tflite": (Rule("down", "int8", "channel", "dynamic", _DOWN_OUTLIERS),
+                   Rule("embed", "int8", why="one int8 buffer for a tied embedding and head"),
+                   Rule("*", "int8", "channel", "static")),
+        "*": (Rule("*", "int8", "channel", "static"),),
+    },
 ))
 _add(Recipe(
     "int4-weight", "4-bit grouped weights (on XNNPACK: 8-bit dynamic activations + 4-bit weights)",
     # measured SmolLM2 (its weights are a dequantized Q4_1 GGUF, re-quantized): onnx top1 0.65 ppl +29%,
     # tflite top1 0.60, pte 8da4w top1 0.48 ppl +86% (fails: 4-bit lm_head, see README)
     Thresholds(top1_min=0.55, top5_min=0.50, ppl_rel_change_max=0.50, encoder_cosine_min=0.95),
+    plans={
+        "pte": (Rule("lm_head", "int8", "channel", "dynamic", _HEAD_4BIT),
+                Rule("down", "int8", "channel", "dynamic", _DOWN_4BIT),
+                Rule("*", "int4", "group", "dynamic", "8da4w: XNNPACK's int4 kernels take int8 dynamic activations")),
+        "onnx": (Rule("lm_head", "float", why=_HEAD_4BIT),
+                 Rule("*", "int4", "group", "dynamic", "MatMulNBits, accuracy_level 4 (int8 compute)")),
+        "tflite": (Rule("down", "int8", "channel", "dynamic", _DOWN_4BIT),
+                   Rule("*", "int4", "group", "dynamic", "ai-edge-quantizer blockwise int4 is a no-op weight-only")),
+    },
 ))
 _add(Recipe(
     "int8-full", "all-integer int8 (int8 inputs/outputs), for microcontrollers",
     Thresholds(top1_min=0.60, encoder_cosine_min=0.9),
     calibrated=True,
+    plans={"tflite": (Rule("*", "int8", "channel", "static", "all-integer: int8 inputs, outputs and kernels"),)},
 ))
+
+
+def explain(recipe: Recipe, fmt: str, family, model, group_size: int = 32) -> list[tuple[str, str, str, str]]:
+    """(module path, role, what it gets, why) for every linear and embedding layer of ``model``."""
+    import torch
+
+    rows = []
+    for name, module in model.named_modules():
+        is_linear = isinstance(module, torch.nn.Linear)
+        if not (is_linear or isinstance(module, torch.nn.Embedding)):
+            continue
+        role = family.role_of(name) if family else None
+        rule = recipe.rule_for(fmt, role, is_linear)
+        rows.append((name, role or "-", rule.describe(group_size) if rule else "float",
+                     (rule.why or f"rule {rule.match!r}") if rule else "no rule takes it"))
+    return rows
 
 
 def get_recipe(name: str) -> Recipe:

@@ -24,14 +24,18 @@ class Budgets:
     ram_bytes_max: int | None = None
 
     def failures(self, latency: dict) -> list[str]:
-        """Reasons the measured ``latency`` figures miss this budget (empty when within it)."""
+        """Reasons the measured ``latency`` figures miss this budget (empty when within it).
+
+        A figure the run did not measure is not checked: an encoder has no decode speed or TTFT.
+        """
         out = []
-        if self.decode_tok_s_min is not None and latency.get("decode_tok_s", 0) < self.decode_tok_s_min:
-            out.append(f"decode {latency.get('decode_tok_s', 0):.1f} tok/s < {self.decode_tok_s_min:g}")
-        if self.ttft_ms_max is not None and latency.get("ttft_ms", float("inf")) > self.ttft_ms_max:
-            out.append(f"TTFT {latency.get('ttft_ms'):.0f} ms > {self.ttft_ms_max:g}")
-        if self.peak_rss_mb_max is not None and latency.get("peak_rss_mb", float("inf")) > self.peak_rss_mb_max:
-            out.append(f"peak RSS {latency.get('peak_rss_mb'):.0f} MB > {self.peak_rss_mb_max:g}")
+        checks = (("decode_tok_s", self.decode_tok_s_min, "decode {:.1f} tok/s < {:g}", lambda v, b: v < b),
+                  ("ttft_ms", self.ttft_ms_max, "TTFT {:.0f} ms > {:g}", lambda v, b: v > b),
+                  ("peak_rss_mb", self.peak_rss_mb_max, "peak RSS {:.0f} MB > {:g}", lambda v, b: v > b))
+        for key, bound, text, misses in checks:
+            value = latency.get(key)
+            if bound is not None and isinstance(value, (int, float)) and misses(value, bound):
+                out.append(text.format(value, bound))
         return out
 
 
@@ -45,7 +49,6 @@ class Target:
     default_recipes: dict[str, str]  # format -> recipe used when --recipe is not given
     transport: str = "local"  # local | ssh | adb
     budgets: Budgets = field(default_factory=Budgets)
-    notes: str = ""
     # Optional hook (loaded, staging_dir, runtime_spec) -> None that adds files an app on this
     # target expects beside the artifact (e.g. the ExecuTorch Android demo app's JSON).
     bundle_extras: Callable | None = None

@@ -106,7 +106,6 @@ register(Target(
     # SmolLM2-135M 8da4w on a mid-range arm64 phone (4 big cores): budgets for a usable chat,
     # not measured limits.
     budgets=Budgets(decode_tok_s_min=15.0, ttft_ms_max=1500.0, peak_rss_mb_max=768.0),
-    notes="run on the device with ExecuTorch's llama_main (--runner PATH) or the LlamaDemo app",
     bundle_extras=bundle_extras,
     on_device_precheck=device_precheck,
     on_device=run_on_device,

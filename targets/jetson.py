@@ -25,7 +25,6 @@ register(Target(
     # SmolLM2-135M fp16 on an Orin Nano 8 GB: budgets for a responsive on-board assistant, not measured
     # limits. RSS is high on Jetson because CUDA / TensorRT libraries and the context live in process memory.
     budgets=Budgets(decode_tok_s_min=25.0, ttft_ms_max=400.0, peak_rss_mb_max=3072.0),
-    notes="alternative recipe: int8-static (QDQ) runs as TensorRT explicit int8",
 ))
 
 # ---- what the device farm does differently on this target (read by exporter.farm) ----

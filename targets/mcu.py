@@ -41,6 +41,5 @@ register(Target(
     default_recipes={"tflite": "int8-full"},
     transport="local",
     budgets=BOARDS[DEFAULT_BOARD]["budgets"],
-    notes="board profiles: " + ", ".join(BOARDS) + f" (default {DEFAULT_BOARD})",
     custom_pipeline=_run,
 ))

@@ -151,7 +151,9 @@ def test_int4_weight_keeps_the_sensitive_layers_at_8_bits():
 
     cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
                       num_hidden_layers=1, vocab_size=100, tie_word_embeddings=False)
-    model = pte_quant.prepare_eager(LlamaForCausalLM(cfg).eval(), "int4-weight", 32)
+    from exporter.families import FAMILIES
+
+    model = pte_quant.prepare_eager(LlamaForCausalLM(cfg).eval(), "int4-weight", 32, FAMILIES.get("llama"))
     bits = {name: (m.weight.target_dtype, tuple(m.weight.block_size)) for name, m in model.named_modules()
             if isinstance(m, torch.nn.Linear)}
     assert bits.pop("lm_head") == (torch.int8, (1, 64))
@@ -159,7 +161,7 @@ def test_int4_weight_keeps_the_sensitive_layers_at_8_bits():
     assert set(bits.values()) == {(torch.int4, (1, 32))} and len(bits) == 6
 
 
-def _weight_only_int4(model, recipe, group_size):
+def _weight_only_int4(model, recipe, group_size, family=None):
     """Test-only: torchao IntxWeightOnlyConfig, which XNNPACK lowers to garbage without an error."""
     from torchao.quantization import IntxWeightOnlyConfig, quantize_
     from torchao.quantization.granularity import PerGroup

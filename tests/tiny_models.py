@@ -1,4 +1,4 @@
-"""Tiny random-weight models built from transformers configs, saved as real Hugging Face folders.
+"""Tiny random-weight models built from the families' tiny configs, saved as real Hugging Face folders.
 
 Each folder has config.json, model.safetensors and a real BPE tokenizer trained (in milliseconds) on
 the shipped English text, so tests go through the same loading code as users' models.
@@ -9,30 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 VOCAB = 1000
-
-CONFIGS = {
-    "llama": lambda: __import__("transformers").LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
-        tie_word_embeddings=True,
-    ),
-    "gpt2": lambda: __import__("transformers").GPT2Config(
-        n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=512, bos_token_id=1, eos_token_id=2,
-    ),
-    "qwen2": lambda: __import__("transformers").Qwen2Config(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
-    ),
-    "mistral": lambda: __import__("transformers").MistralConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
-        sliding_window=None,
-    ),
-    "bert": lambda: __import__("transformers").BertConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        vocab_size=VOCAB, max_position_embeddings=512,
-    ),
-}
 
 
 def train_tokenizer():
@@ -58,10 +34,13 @@ def make_model_dir(arch: str, folder: Path, seed: int = 0) -> Path:
     from transformers import AutoModel, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = CONFIGS[arch]()
-    cls = AutoModel if arch == "bert" else AutoModelForCausalLM
-    model = cls.from_config(config)
-    if arch != "bert":
+    from exporter.families import FAMILIES
+
+    family = FAMILIES.get(arch)  # every family brings its tiny config (exporter/families/<family>.py)
+    config = family.tiny_config()
+    causal = family.kind == "causal-lm"
+    model = (AutoModelForCausalLM if causal else AutoModel).from_config(config)
+    if causal:
         # Random init gives near-uniform logits; scale the output layer so argmax decisions are
         # clear-cut and greedy comparisons are meaningful, as in a trained model.
         with torch.no_grad():

@@ -44,20 +44,26 @@ class Format:
 
     name = ""
     description = ""
-    suffix = ""
     recipes: tuple[str, ...] = ()  # recipe names of the shared vocabulary this format implements
+    # Recipes of the vocabulary this format produces only through a target's own flow, with where.
+    recipe_notes: dict[str, str] = {}
     kinds: tuple[str, ...] = ("causal-lm", "encoder")
-    runtime_pip: str = ""  # what a device needs installed to run it
 
-    def check(self, kind: str, recipe: str) -> None:
-        """Refuse, before any work, a recipe or model kind this format cannot do."""
+    def check(self, kind: str, recipe: str, family=None) -> None:
+        """Refuse, before any work, a recipe, model kind or family this format cannot do."""
         if recipe not in self.recipes:
+            where = self.recipe_notes.get(recipe)
             raise UnsupportedRecipeError(
-                f"format {self.name!r} cannot do recipe {recipe!r}",
+                f"format {self.name!r} cannot do recipe {recipe!r} for this model"
+                + (f" (it builds {recipe} only with {where})" if where else ""),
                 hint=f"{self.name} recipes: {', '.join(self.recipes)}",
             )
         if kind not in self.kinds:
             raise UnsupportedRecipeError(f"format {self.name!r} cannot export {kind} models yet")
+        reason = family.refusal(self.name) if family is not None else None
+        if reason:
+            raise UnsupportedRecipeError(f"format {self.name!r} cannot export the {family.name} family yet: {reason}",
+                                         hint="try another --format (`slm-export models` shows what works)")
 
     def build(self, loaded, recipe: str, options: ExportOptions, out_dir: Path) -> Artifact:
         """Export ``loaded`` (an ``exporter.loading.LoadedModel``) with ``recipe`` into ``out_dir``."""

@@ -145,15 +145,13 @@ def _first_line(e: Exception) -> str:
 class OnnxFormat(Format):
     name = "onnx"
     description = "ONNX graph with KV cache for onnxruntime (dynamo exporter)"
-    suffix = ".onnx"
     recipes = ("fp32", "fp16", "int8-dynamic", "int8-static", "int4-weight")
-    runtime_pip = "onnxruntime"
 
     def build(self, loaded, recipe: str, options: ExportOptions, out_dir: Path) -> Artifact:
         """Export fp32 with torch.onnx (dynamo), then apply ``recipe`` with onnxruntime's tools."""
         from exporter.formats import onnx_quant
 
-        self.check(loaded.kind, recipe)
+        self.check(loaded.kind, recipe, loaded.family)
         fp32_path = out_dir / (MODEL_FILE if recipe == "fp32" else FP32_FILE)
         options.progress("exporting ONNX graph (torch.onnx dynamo)")
         if loaded.kind == "causal-lm":

@@ -2,41 +2,81 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 
 from exporter.errors import UnsupportedRecipeError
-from exporter.recipes import MLP_DOWN_PROJECTIONS
 from exporter.texts import calibration_windows
 
-
-# The MLP output projections (exporter.recipes): their input carries outlier channels that a
-# per-tensor int8 activation scale cannot hold: on SmolLM2-135M, quantizing it dropped top-1 agreement
-# from 0.81 to 0.54 and raised perplexity by 79% instead of 6%. These stay float.
-OUTLIER_PROJECTIONS = MLP_DOWN_PROJECTIONS
+QUANTIZABLE_OPS = ("MatMul", "Gemm", "Gather")
 
 
-def outlier_nodes(model_path: Path) -> list[str]:
-    """Names of the MatMul/Gemm nodes that implement an ``OUTLIER_PROJECTIONS`` module.
+def _scopes(node) -> list[str]:
+    """The ``name_scopes`` metadata of a node of the dynamo exporter: module paths outermost first,
+    ending with the op's own name: ``['', 'model', ..., 'model.model.layers.0.mlp.down_proj', 'linear_6']``."""
+    import ast
 
-    The dynamo exporter records each node's module path in its ``pkg.torch.onnx.name_scopes`` metadata.
+    text = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+    try:
+        scopes = ast.literal_eval(text) if text else []
+    except (ValueError, SyntaxError):
+        return []
+    return scopes if isinstance(scopes, list) else []
+
+
+def module_path(node) -> str | None:
+    """The torch module path a node came from (None when the exporter recorded none)."""
+    scopes = _scopes(node)
+    return scopes[-2] if len(scopes) >= 2 else None
+
+
+def planned_nodes(model_path: Path, recipe: str, family) -> dict[str, list[str]]:
+    """The graph's MatMul/Gemm/Gather node names grouped by what the recipe's onnx plan gives them.
+
+    Keys are (weights, granularity, activations) strings such as "int8/channel/dynamic"; "float"
+    holds the nodes no rule takes. A Gather counts only as an embedding lookup (role "embed"); a
+    MatMul/Gemm as a linear layer ("*" takes it) only when it comes from an nn.Linear, i.e. its scope
+    ends in a linear op, not attention's activation x activation products.
     """
     import onnx
 
-    names = []
+    from exporter.recipes import get_recipe
+
+    plan = get_recipe(recipe)
+    groups: dict[str, list[str]] = {}
     for node in onnx.load(str(model_path), load_external_data=False).graph.node:
-        if node.op_type not in ("MatMul", "Gemm"):
+        if node.op_type not in QUANTIZABLE_OPS:
             continue
-        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
-        if any(f"{proj}'" in scopes for proj in OUTLIER_PROJECTIONS):
-            names.append(node.name)
-    return names
+        path = module_path(node) or ""
+        role = family.role_of(path) if family and path else None
+        if node.op_type == "Gather" and role != "embed":
+            continue
+        is_linear = node.op_type != "Gather" and _is_linear_scope(node)
+        if not is_linear and node.op_type != "Gather":
+            continue
+        rule = plan.rule_for("onnx", role, is_linear)
+        key = "float" if rule is None or rule.weights == "float" else f"{rule.weights}/{rule.granularity}/{rule.activations}"
+        groups.setdefault(key, []).append(node.name)
+    return groups
+
+
+def _is_linear_scope(node) -> bool:
+    scopes = _scopes(node)
+    return bool(scopes) and re.fullmatch(r"linear(_\d+)?", str(scopes[-1])) is not None
 
 
 def apply(recipe: str, src: Path, dst: Path, loaded, options) -> list[str]:
     """Write ``src`` quantized with ``recipe`` to ``dst``; return notes for the report."""
     return _RECIPES[recipe](src, dst, loaded, options) or []
+
+
+def _refuse_unplanned(groups: dict, allowed: set[str], recipe: str) -> None:
+    extra = sorted(set(groups) - allowed - {"float"})
+    if extra:
+        raise UnsupportedRecipeError(f"the onnx plan of {recipe} asks for {', '.join(extra)}, which this format's "
+                                     "quantizer does not implement", hint="see `slm-export recipes --explain`")
 
 
 def _fp16(src: Path, dst: Path, loaded, options):
@@ -53,24 +93,28 @@ def _fp16(src: Path, dst: Path, loaded, options):
 def _int8_dynamic(src: Path, dst: Path, loaded, options):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    # Per-channel int8 weights for MatMul/Gemm with constant weights and int8 embedding tables
-    # (Gather); activations are quantized per call. Attention's activation x activation MatMuls stay
-    # float. The outlier projections get int8 weights with float activations instead.
+    # Per-channel int8 weights for the plan's dynamic linears and int8 embedding tables (Gather);
+    # activations are quantized per call. The plan's float-activation layers (the MLP down
+    # projections: activation outliers) get 8-bit weight-only MatMulNBits instead.
     # Weights are unsigned (U8U8), not signed (U8S8): on x86 CPUs without VNNI (AVX2 only) onnxruntime
     # runs U8S8 with VPMADDUBSW, whose int16 sums saturate (its docs say so). Measured on an AVX2-only
     # EPYC, tiny Llama: max |logit err| 1.66 with U8S8, 0.124 with reduce_range, 0.091 with U8U8 (the
     # figure VNNI machines give for U8S8). A bundle must not depend on the exporting machine's ISA.
-    skip = outlier_nodes(src)
+    groups = planned_nodes(src, "int8-dynamic", loaded.family)
+    _refuse_unplanned(groups, {"int8/channel/dynamic", "int8/channel/float", "int8/group/float"}, "int8-dynamic")
+    dynamic = groups.get("int8/channel/dynamic", []) + groups.get("int8/channel/float", [])
+    weight_only = groups.get("int8/group/float", [])
     staged = dst.with_name(dst.name + ".dyn")
     quantize_dynamic(str(src), str(staged), per_channel=True, weight_type=QuantType.QUInt8,
-                     op_types_to_quantize=["MatMul", "Gemm", "Gather"], nodes_to_exclude=skip,
+                     op_types_to_quantize=list(QUANTIZABLE_OPS), nodes_to_quantize=dynamic,
                      extra_options={"MatMulConstBOnly": True})
     try:
-        _weight_only(staged, dst, bits=8, block_size=options.group_size, nodes=skip)
+        _weight_only(staged, dst, bits=8, block_size=options.group_size, nodes=weight_only)
     finally:
         staged.unlink(missing_ok=True)
-    return ["int8 per-channel weights and int8 embeddings, dynamic int8 activations",
-            f"{len(skip)} MLP output projections: int8 weights, float activations (activation outliers)"]
+    return [f"{len(dynamic)} linear / embedding nodes: int8 per-channel weights, dynamic int8 activations "
+            "(embeddings: int8 tables)",
+            f"{len(weight_only)} MLP output projections: int8 weights, float activations (activation outliers)"]
 
 
 def _weight_only(src: Path, dst: Path, bits: int, block_size: int, nodes: list[str] | None = None,
@@ -99,28 +143,35 @@ def _int8_static(src: Path, dst: Path, loaded, options):
     if loaded.kind != "causal-lm":
         raise UnsupportedRecipeError("int8-static for ONNX is implemented for causal LMs only")
     reader = _CalibrationReader(loaded, options)
-    skip = outlier_nodes(src)
+    groups = planned_nodes(src, "int8-static", loaded.family)
+    _refuse_unplanned(groups, {"int8/channel/static", "int8/group/float"}, "int8-static")
+    static, weight_only = groups.get("int8/channel/static", []), groups.get("int8/group/float", [])
     staged = dst.with_name(dst.name + ".qdq")
-    # Only MatMul/Gemm are quantized: the additive attention mask (finfo.min) and softmax stay
+    # Only the plan's linears are quantized: the additive attention mask (finfo.min) and softmax stay
     # float, since their ranges would wreck a per-tensor int8 scale.
     quantize_static(
         str(src), str(staged), reader, quant_format=QuantFormat.QDQ, per_channel=True,
         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
         op_types_to_quantize=["MatMul", "Gemm"], calibrate_method=CalibrationMethod.MinMax,
-        nodes_to_exclude=skip, extra_options={"ActivationSymmetric": True, "MatMulConstBOnly": True},
+        nodes_to_quantize=static, extra_options={"ActivationSymmetric": True, "MatMulConstBOnly": True},
     )
     try:
-        _weight_only(staged, dst, bits=8, block_size=options.group_size, nodes=skip)
+        _weight_only(staged, dst, bits=8, block_size=options.group_size, nodes=weight_only)
     finally:
         staged.unlink(missing_ok=True)
-    return [f"QDQ int8 weights and activations, calibrated on {reader.count} windows of {reader.window} tokens",
-            f"{len(skip)} MLP output projections: int8 weights, float activations (activation outliers)"]
+    return [f"QDQ int8 weights and activations on {len(static)} linears, calibrated on {reader.count} windows of "
+            f"{reader.window} tokens",
+            f"{len(weight_only)} MLP output projections: int8 weights, float activations (activation outliers)"]
 
 
 def _int4_weight(src: Path, dst: Path, loaded, options):
+    groups = planned_nodes(src, "int4-weight", loaded.family)
+    _refuse_unplanned(groups, {"int4/group/dynamic"}, "int4-weight")
+    nodes = groups.get("int4/group/dynamic", [])
     # accuracy_level 4: int8 compute on blocks of activations, the fast path of MatMulNBits on CPU.
-    _weight_only(src, dst, bits=4, block_size=options.group_size, accuracy_level=4)
-    return [f"4-bit MatMulNBits weights, block {options.group_size}, int8 compute (accuracy_level 4)"]
+    _weight_only(src, dst, bits=4, block_size=options.group_size, accuracy_level=4, nodes=nodes)
+    return [f"{len(nodes)} linears: 4-bit MatMulNBits weights, block {options.group_size}, int8 compute "
+            f"(accuracy_level 4); {len(groups.get('float', []))} stay float (lm_head)"]
 
 
 class _CalibrationReader:

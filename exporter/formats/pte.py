@@ -35,14 +35,12 @@ KV_CACHE_BYTES_MAX = 2 << 30
 class PteFormat(Format):
     name = "pte"
     description = "ExecuTorch program lowered to XNNPACK (static KV cache, ExecuTorch LLM-runner metadata)"
-    suffix = ".pte"
     recipes = ("fp32", "fp16", "int8-dynamic", "int8-static", "int4-weight")
     kinds = ("causal-lm", "encoder")
-    runtime_pip = EXECUTORCH_PIP
 
     def build(self, loaded, recipe: str, options: ExportOptions, out_dir: Path) -> Artifact:
         """Export, quantize with ``recipe``, lower to XNNPACK and write ``model.pte`` into ``out_dir``."""
-        self.check(loaded.kind, recipe)
+        self.check(loaded.kind, recipe, loaded.family)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         if loaded.kind == "causal-lm":
@@ -158,12 +156,12 @@ def _build_causal(loaded, recipe: str, options: ExportOptions, out_dir: Path) ->
     t0 = time.perf_counter()
     options.progress(f"pte: preparing {recipe} model")
     model = copy.deepcopy(loaded.model).eval()
-    model, skipped = _prepare(model, recipe, options.group_size)
-    custom_sdpa = pte_attention.supported(loaded.config, max_context)
+    model, skipped = _prepare(model, recipe, options.group_size, loaded.family)
+    custom_sdpa = pte_attention.supported(loaded, max_context)
     if custom_sdpa:
         pte_attention.use_custom_sdpa(model)
     # After the eager quantization, so the new linear ops stay float (see pte_layers.py).
-    whole_layers = recipe not in pte_quant.PT2E_RECIPES and pte_layers.supported(loaded.config)
+    whole_layers = recipe not in pte_quant.PT2E_RECIPES and pte_layers.supported(loaded)
     if whole_layers:
         pte_layers.use_linear_mean_rmsnorm(model)
     module = _static_cache_module(model, max_context)
@@ -204,31 +202,31 @@ def _build_causal(loaded, recipe: str, options: ExportOptions, out_dir: Path) ->
     if whole_layers:
         notes.append("RMSNorm and rotary embedding written as linear ops so XNNPACK takes them (pte_layers.py)")
     if recipe == "int4-weight":
-        notes.append("int4-weight quantizes nn.Linear layers (8da4w; the output layer and MLP down projections "
-                     "with 8-bit weights); the token embedding stays float32")
+        eight = [n for n, r in pte_quant.linear_rules(loaded.model, recipe, loaded.family).items() if r and r.weights == "int8"]
+        notes.append(f"int4-weight (8da4w) follows the pte plan: {len(eight)} linear layers with 8-bit weights "
+                     f"({', '.join(sorted({loaded.family.role_of(n) or n for n in eight}))}), the others 4-bit; "
+                     "the token embedding stays float32 (`slm-export recipes --explain int4-weight`)")
     if skipped:
         notes.append(f"{len(skipped)} linear layers stay float32: group size {options.group_size} does not "
                      f"divide their input width ({', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''})")
     return Artifact(format="pte", recipe=recipe, files=[ARTIFACT], spec=spec, notes=notes)
 
 
-def _prepare(model, recipe: str, group_size: int):
+def _prepare(model, recipe: str, group_size: int, family):
     """Eager part of the recipe; returns (model, names of linear layers int4-weight had to skip)."""
-    import torch
-
     from exporter.formats import pte_quant
 
     skipped = []
     if recipe == "int4-weight":
-        four_bit = [(n, m) for n, m in model.named_modules()
-                    if isinstance(m, torch.nn.Linear) and not pte_quant.eight_bit_layer(n)]
-        skipped = [n for n, m in four_bit if m.in_features % group_size]
+        four_bit = [n for n, r in pte_quant.linear_rules(model, recipe, family).items() if r and r.weights == "int4"]
+        widths = {n: m.in_features for n, m in model.named_modules() if n in set(four_bit)}
+        skipped = [n for n in four_bit if widths[n] % group_size]
         if four_bit and len(skipped) == len(four_bit):
             raise UnsupportedRecipeError(
                 f"group size {group_size} divides the input width of no linear layer; int4-weight would quantize nothing",
                 hint="use --group-size 32 (or a divisor of the hidden size)",
             )
-    model = _guard(lambda: pte_quant.prepare_eager(model, recipe, group_size), "quantization", recipe)
+    model = _guard(lambda: pte_quant.prepare_eager(model, recipe, group_size, family), "quantization", recipe)
     return model, skipped
 
 
@@ -263,7 +261,7 @@ def _build_encoder(loaded, recipe: str, options: ExportOptions, out_dir: Path) -
     positions = int(getattr(loaded.config, "max_position_embeddings", 512))
     max_len = min(int(options.max_context), positions)
     t0 = time.perf_counter()
-    model, _ = _prepare(copy.deepcopy(loaded.model).eval(), recipe, options.group_size)
+    model, _ = _prepare(copy.deepcopy(loaded.model).eval(), recipe, options.group_size, loaded.family)
 
     class EncoderForward(torch.nn.Module):
         def __init__(self, m):

@@ -19,16 +19,16 @@ from __future__ import annotations
 
 ATTENTION_NAME = "executorch_custom_sdpa"
 CUSTOM_OPS = "executorch.extension.llm.custom_ops.custom_ops"
-# Causal decoder attention that is plain softmax(QK^T * scale) V over the KV cache: nothing else
-# (sliding windows, soft-capping, attention sinks, ALiBi) is expressible with the custom op.
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "smollm3")
+def supported(loaded, max_context: int) -> bool:
+    """Whether the model's attention is exactly what ``llama::custom_sdpa`` computes at ``max_context``.
 
-
-def supported(config, max_context: int) -> bool:
-    """Whether the model's attention is exactly what ``llama::custom_sdpa`` computes at ``max_context``."""
-    cfg = config.get_text_config()
-    if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+    The family says whether its attention is plain causal softmax(QK^T * scale) V over the cache
+    (``Family.pte_custom_sdpa``); a sliding window shorter than the context or logit soft-capping in
+    this particular config rules it out too (the kernel would ignore them).
+    """
+    if not (loaded.family and loaded.family.pte_custom_sdpa):
         return False
+    cfg = loaded.config.get_text_config()
     window = getattr(cfg, "sliding_window", None)
     if window and getattr(cfg, "use_sliding_window", True) and window < max_context:
         return False  # a window shorter than the context would be ignored by the causal kernel

@@ -25,15 +25,15 @@ import sys
 
 import torch
 
-# Models whose RMSNorm is exactly ``weight * (x * rsqrt(mean(x^2) + eps))`` with the statistics in
-# float32 and whose rotary embedding uses a module-level ``rotate_half`` (Gemma's ``1 + weight``
-# norm is not, and is not listed).
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "smollm3")
 
+def supported(loaded) -> bool:
+    """Whether the model's norm and rotary code are the Llama kind these rewrites reproduce.
 
-def supported(config) -> bool:
-    """Whether the model's norm and rotary code are the Llama kind these rewrites reproduce."""
-    return config.get_text_config().model_type in SUPPORTED_MODEL_TYPES
+    The family says so (``Family.pte_linear_layers``, exporter/families/): RMSNorm
+    ``weight * (x * rsqrt(mean(x^2) + eps))`` with float32 statistics and a module-level ``rotate_half``
+    (Gemma's ``1 + weight`` norm is not).
+    """
+    return bool(getattr(loaded, "family", None) and loaded.family.pte_linear_layers)
 
 
 class LinearMeanRMSNorm(torch.nn.Module):

@@ -19,12 +19,26 @@ from typing import Callable, Iterable
 import torch
 
 EAGER_RECIPES = ("fp16", "int4-weight")
-OUTPUT_LAYER_NAMES = ("lm_head", "embed_out", "output")
 PT2E_RECIPES = ("int8-dynamic", "int8-static")
 
 
-def prepare_eager(model: torch.nn.Module, recipe: str, group_size: int) -> torch.nn.Module:
-    """Apply the eager part of ``recipe`` to ``model`` in place (a copy owned by the caller)."""
+def linear_rules(model: torch.nn.Module, recipe: str, family) -> dict[str, object]:
+    """module path -> the rule of ``recipe``'s pte plan that takes each nn.Linear (None: stays float)."""
+    from exporter.recipes import get_recipe
+
+    plan = get_recipe(recipe)
+    return {name: plan.rule_for("pte", family.role_of(name) if family else None)
+            for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def prepare_eager(model: torch.nn.Module, recipe: str, group_size: int, family=None) -> torch.nn.Module:
+    """Apply the eager part of ``recipe`` to ``model`` in place (a copy owned by the caller).
+
+    int4-weight follows the recipe's pte plan (exporter/recipes.py): 4-bit grouped layers and 8-bit
+    per-channel layers, both with 8-bit dynamic activations (torchao's 8da4w / 8da8w, which XNNPACK
+    lowers); a layer whose group size does not divide its input width stays float32 (XNNPACK has no
+    remainder group).
+    """
     if recipe == "fp16":
         return model.to(torch.float16)
     if recipe == "int4-weight":
@@ -32,26 +46,19 @@ def prepare_eager(model: torch.nn.Module, recipe: str, group_size: int) -> torch
         from torchao.quantization.granularity import PerAxis, PerGroup
         from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig
 
-        # 8-bit per-channel weights for the layers 4 bits hurt most, measured on SmolLM2-135M: the
-        # output layer (top-1 0.48 with it at 4 bits; ONNX measured the same effect) and the MLP down
-        # projections (top-1 0.58 -> 0.70, perplexity +47% -> +20%, for ~7% more bytes).
-        eight_bit = {id(m) for fqn, m in model.named_modules() if eight_bit_layer(fqn)}
+        rules = linear_rules(model, recipe, family)
+        for name, rule in rules.items():
+            if rule is not None and rule.weights != "float" and rule.activations != "dynamic":
+                # IntxWeightOnlyConfig (float activations) lowers to garbage on XNNPACK (TOOLCHAIN.md).
+                raise ValueError(f"the pte plan gives {name} {rule.describe(group_size)}; XNNPACK takes int4/int8 "
+                                 "weights only with int8 dynamic activations")
+        eight = {name for name, r in rules.items() if r is not None and r.weights == "int8"}
+        four = {name for name, r in rules.items() if r is not None and r.weights == "int4"}
         quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
-                  filter_fn=lambda m, _fqn: id(m) in eight_bit and isinstance(m, torch.nn.Linear))
-        config = Int8DynamicActivationIntxWeightConfig(
-            weight_dtype=torch.int4, weight_granularity=PerGroup(group_size)
-        )
-        # Only nn.Linear layers whose input width the group divides: a remainder group is not
-        # supported by the XNNPACK kernel, and those few layers stay float32.
-        quantize_(model, config, filter_fn=lambda m, _fqn: id(m) not in eight_bit and _groupable(m, group_size))
+                  filter_fn=lambda m, fqn: fqn in eight and isinstance(m, torch.nn.Linear))
+        config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size))
+        quantize_(model, config, filter_fn=lambda m, fqn: fqn in four and _groupable(m, group_size))
     return model
-
-
-def eight_bit_layer(fqn: str) -> bool:
-    """Whether int4-weight gives the layer at module path ``fqn`` 8-bit weights instead of 4."""
-    from exporter.recipes import MLP_DOWN_PROJECTIONS
-
-    return fqn.split(".")[-1] in OUTPUT_LAYER_NAMES or fqn.endswith(MLP_DOWN_PROJECTIONS)
 
 
 def _groupable(module: torch.nn.Module, group_size: int) -> bool:

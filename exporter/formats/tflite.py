@@ -243,15 +243,15 @@ def _versions() -> dict:
 class TFLiteFormat(Format):
     name = "tflite"
     description = "LiteRT .tflite (litert-torch): prefill/decode signatures with an explicit KV cache"
-    suffix = ".tflite"
     recipes = ("fp32", "fp16", "int8-dynamic", "int8-static", "int4-weight")
-    runtime_pip = "ai-edge-litert"
+    # All-integer int8 is built for the microcontroller target's distilled classifier (exporter/mcu/).
+    recipe_notes = {"int8-full": "--target mcu"}
 
     def build(self, loaded, recipe: str, options: ExportOptions, out_dir: Path) -> Artifact:
         """Convert with litert-torch (fp32), then apply ``recipe`` with ai-edge-quantizer."""
         from exporter.formats import tflite_quant
 
-        self.check(loaded.kind, recipe)
+        self.check(loaded.kind, recipe, loaded.family)
         tflite_quant.check_options(recipe, loaded, options)  # refuse before the slow conversion
         if loaded.kind == "causal-lm":
             fp32, spec, notes = self._convert_causal(loaded, recipe, options)

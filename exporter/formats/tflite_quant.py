@@ -15,6 +15,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 
 import numpy as np
 
@@ -22,8 +23,7 @@ from exporter.errors import SlmExportError, UnsupportedRecipeError
 
 _BLOCK_SIZES = (32, 64, 128, 256)  # the block sizes ai-edge-quantizer's QuantGranularity offers
 _DECODE_STEPS_PER_WINDOW = 4
-# MLP down projections: Llama-style ``down_proj``, GPT-2's ``mlp.c_proj`` (matched in TFLite tensor names).
-_MLP_DOWN = r"down_proj|MLP_mlp/.*c_proj"
+_NEVER = r"(?!)"  # a regex that matches no tensor (a rule whose role the model lacks)
 
 
 def check_options(recipe: str, loaded, options) -> None:
@@ -42,7 +42,7 @@ def apply(recipe: str, fp32: bytes, spec: dict, loaded, options) -> tuple[bytes,
     """``fp32`` quantized with ``recipe``; returns (flatbuffer bytes, notes for the report)."""
     from ai_edge_quantizer import quantizer
 
-    rp, notes, calibrate = _RECIPES[recipe](spec, options)
+    rp, notes, calibrate = _RECIPES[recipe](spec, options, loaded)
     try:
         with _quiet():
             q = quantizer.Quantizer(bytearray(fp32), rp)
@@ -63,6 +63,52 @@ def apply(recipe: str, fp32: bytes, spec: dict, loaded, options) -> tuple[bytes,
     return bytes(out), notes
 
 
+# ---------------------------------------------------------------- plans -> ai-edge-quantizer scopes
+
+
+def scope_regex(model, paths: list[str]) -> str:
+    """A regex matching the TFLite tensor names litert-torch gives the ops of the modules at ``paths``.
+
+    litert-torch names a tensor after the chain of modules that produced it, ``<Class>_<attribute>``
+    per level below the wrapper (whose HF model attribute is ``model``), with ModuleList containers
+    left out (their children appear under their index): ``model.layers.0.mlp.down_proj`` becomes
+    ``..._model/..._model/...Layer_0/..._mlp/..._down_proj``. ai-edge-quantizer selects ops by a regex
+    on these names, so a plan's rule is turned into one exact alternative per module.
+    """
+    import torch
+
+    if not paths:
+        return _NEVER
+    modules = dict(model.named_modules())
+    alternatives = []
+    for path in paths:
+        attrs, parts = ["model"], path.split(".")
+        for i, part in enumerate(parts):
+            if isinstance(modules.get(".".join(parts[:i + 1])), (torch.nn.ModuleList, torch.nn.ModuleDict)):
+                continue
+            attrs.append(part)
+        alternatives.append("(?:^|/)" + "/".join(rf"[^/;]*_{re.escape(a)}" for a in attrs) + r"(?:[/;]|$)")
+    return "|".join(alternatives)
+
+
+def _role_paths(loaded, recipe: str, match: str) -> list[str]:
+    """Module paths of the linears (or embeddings) the tflite plan's rule ``match`` takes."""
+    import torch
+
+    from exporter.recipes import get_recipe
+
+    plan = get_recipe(recipe)
+    out = []
+    for name, module in loaded.model.named_modules():
+        is_linear = isinstance(module, torch.nn.Linear)
+        if not (is_linear or isinstance(module, torch.nn.Embedding)):
+            continue
+        rule = plan.rule_for("tflite", loaded.family.role_of(name) if loaded.family else None, is_linear)
+        if rule is not None and rule.match == match:
+            out.append(name)
+    return out
+
+
 # ---------------------------------------------------------------- recipes
 
 
@@ -72,7 +118,7 @@ def _manager():
     return recipe_manager.RecipeManager()
 
 
-def _fp16(spec, options):
+def _fp16(spec, options, loaded):
     from ai_edge_quantizer import algorithm_manager, qtyping
 
     rm = _manager()
@@ -81,13 +127,13 @@ def _fp16(spec, options):
     return rm.get_quantization_recipe(), ["fp16 weights; compute, inputs, outputs (and a KV cache) stay float32"], False
 
 
-def _int8_dynamic(spec, options):
+def _int8_dynamic(spec, options, loaded):
     from ai_edge_quantizer import recipe
 
     return recipe.dynamic_wi8_afp32(), ["int8 per-channel weights, activations quantized at run time"], False
 
 
-def _int4_weight(spec, options):
+def _int4_weight(spec, options, loaded):
     from ai_edge_quantizer import qtyping
 
     rm = _manager()
@@ -96,16 +142,17 @@ def _int4_weight(spec, options):
     # Embedding and LM head share the 4-bit blocks (one buffer when tied).
     rm.add_dynamic_config(".*", qtyping.TFLOperationName.ALL_SUPPORTED, num_bits=4,
                           granularity=qtyping.QuantGranularity(f"BLOCKWISE_{options.group_size}"))
-    # The MLP down projections stay int8 (per channel), as llama.cpp's Q4_K_M keeps its most sensitive
-    # tensors at higher precision: measured on SmolLM2, all-4-bit gave 0.48 top-1 agreement (min-max,
-    # OCTAV and Hadamard-rotated scales alike), int8 down projections 0.60.
-    rm.add_dynamic_config(_MLP_DOWN, qtyping.TFLOperationName.FULLY_CONNECTED, num_bits=8)
+    # The plan's 8-bit layers (the MLP down projections) stay int8 per channel, as llama.cpp's Q4_K_M keeps
+    # its most sensitive tensors at higher precision: measured on SmolLM2, all-4-bit gave 0.48 top-1
+    # agreement (min-max, OCTAV and Hadamard-rotated scales alike), int8 down projections 0.60.
+    down = _role_paths(loaded, "int4-weight", "down")
+    rm.add_dynamic_config(scope_regex(loaded.model, down), qtyping.TFLOperationName.FULLY_CONNECTED, num_bits=8)
     return rm.get_quantization_recipe(), [
-        f"4-bit weights in blocks of {options.group_size} (MLP down projections int8 per channel), "
+        f"4-bit weights in blocks of {options.group_size} ({len(down)} MLP down projections int8 per channel), "
         "activations quantized at run time"], False
 
 
-def _int8_static(spec, options):
+def _int8_static(spec, options, loaded):
     from ai_edge_quantizer import qtyping
 
     fc = qtyping.TFLOperationName.FULLY_CONNECTED
@@ -119,15 +166,16 @@ def _int8_static(spec, options):
     # reach values thousands of times the rest) that neither a static range nor smoothing can hold:
     # measured on SmolLM2, static int8 everywhere gave 0.40 top-1 agreement, with these layers'
     # activations quantized per token at run time (int8 dynamic) 0.82.
-    rm.add_dynamic_config(_MLP_DOWN, fc, num_bits=8)
+    down = _role_paths(loaded, "int8-static", "down")
+    rm.add_dynamic_config(scope_regex(loaded.model, down), fc, num_bits=8)
     # The token embedding gets int8 weights too (float output, like int8-dynamic): with a tied LM head
     # its one buffer feeds both the lookup and the head's FULLY_CONNECTED, and a float lookup next to
     # an int8 head made the quantizer copy that buffer for every signature (3x the size).
     rm.add_dynamic_config(".*", qtyping.TFLOperationName.EMBEDDING_LOOKUP, num_bits=8)
     return rm.get_quantization_recipe(), [
         f"int8 weights and calibrated static int8 activations on fully-connected ops (up to "
-        f"{options.calibration_samples} text windows); MLP down projections use per-token dynamic int8 "
-        "activations; attention, norms and residuals stay float32"], True
+        f"{options.calibration_samples} text windows); {len(down)} MLP down projections use per-token dynamic "
+        "int8 activations; attention, norms and residuals stay float32"], True
 
 
 _RECIPES = {"fp16": _fp16, "int8-dynamic": _int8_dynamic, "int8-static": _int8_static, "int4-weight": _int4_weight}
@@ -166,7 +214,7 @@ def smooth_model(loaded, options, alpha: float = _SMOOTH_ALPHA, window: int = 12
     from exporter.texts import calibration_windows
 
     model = copy.deepcopy(loaded.model).eval()
-    groups = _smoothing_groups(model)
+    groups = _smoothing_groups(model, loaded.family)
     if not groups:
         return model, 0
     stats: dict = {}
@@ -201,25 +249,31 @@ def smooth_model(loaded, options, alpha: float = _SMOOTH_ALPHA, window: int = 12
     return model, len(groups)
 
 
-def _smoothing_groups(model) -> list:
-    """[(producer, [linears fed by it])] for the architectures whose structure is known."""
-    mtype = model.config.model_type
-    groups = []
-    if mtype in ("llama", "mistral", "qwen2", "qwen3"):
-        for layer in model.model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            groups.append((layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]))
-            groups.append((layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]))
-            # down_proj sees act(gate) * up: scaling up's output channel scales down's input channel.
-            groups.append((mlp.up_proj, [mlp.down_proj]))
-    elif mtype == "gpt2":
-        for block in model.transformer.h:
-            groups.append((block.ln_1, [block.attn.c_attn]))
-            groups.append((block.ln_2, [block.mlp.c_fc]))
-    # The LM head is left alone: with tied embeddings its weight is also the embedding table.
-    if not all(isinstance(lin, __import__("torch").nn.Linear) for _, lins in groups for lin in lins):
+def _smoothing_groups(model, family=None) -> list:
+    """[(producer, [linears fed by it])] per layer, from the family's SmoothQuant pairs (exporter/families)."""
+    import torch
+
+    if family is None or not family.smoothing:
         return []
+    groups = []
+    for index in range(family.num_layers(model)):
+        for producer_role, consumer_roles in family.smoothing:
+            producer = family.layer_module(model, index, producer_role)
+            consumers = [family.layer_module(model, index, r) for r in consumer_roles]
+            if producer is None or any(c is None for c in consumers):
+                continue
+            if not all(isinstance(c, torch.nn.Linear) for c in consumers):
+                return []
+            if not isinstance(producer, torch.nn.Linear) and not _plain_norm(producer):
+                continue  # e.g. Gemma's (1 + weight) RMSNorm: scaling its weight is not scaling its output
+            groups.append((producer, consumers))
+    # The LM head is left alone: with tied embeddings its weight is also the embedding table.
     return groups
+
+
+def _plain_norm(module) -> bool:
+    """A norm whose output is ``weight * normalised(x) (+ bias)``, so dividing its weight scales its output."""
+    return getattr(module, "weight", None) is not None and not type(module).__name__.startswith("Gemma")
 
 
 # ---------------------------------------------------------------- calibration
