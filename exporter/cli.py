@@ -52,7 +52,8 @@ def cli():
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
 @click.option("--no-gate", is_flag=True, help="Keep the bundle even if parity thresholds fail (experiments).")
 @click.option("--no-latency", is_flag=True, help="Skip the latency check.")
-@click.option("--max-context", type=click.IntRange(16, 32768), default=512, show_default=True, help="KV-cache length for static-cache formats.")
+@click.option("--max-context", type=click.IntRange(16, 32768), default=None,
+              help="KV-cache length for static-cache formats (default: 512, or the model's positions if fewer).")
 @click.option("--group-size", type=click.IntRange(8, 1024), default=32, show_default=True, help="Weight group size of int4-weight (tflite: 32, 64, 128 or 256).")
 @click.option("--prefill-lengths", default="32,128", show_default=True, help="tflite: fixed prefill signature lengths, comma-separated.")
 @click.option("--decode-tokens", type=click.IntRange(1, 4096), default=64, show_default=True, help="Tokens decoded per latency repeat.")

@@ -22,6 +22,7 @@ from .texts import calibration_texts, eval_text
 from targets import get_target
 
 LATENCY_PROMPT_TOKENS = 64
+DEFAULT_MAX_CONTEXT = 512
 
 
 @dataclass
@@ -39,7 +40,7 @@ class ExportRequest:
     calibration: Path | None = None
     cache_dir: Path | None = None
     trust_pickle: bool = False
-    max_context: int = 512
+    max_context: int | None = None  # None: min(DEFAULT_MAX_CONTEXT, the model's positions)
     group_size: int = 32
     prefill_lengths: tuple[int, ...] = (32, 128)
     decode_tokens: int = 64
@@ -85,11 +86,16 @@ def run(req: ExportRequest, progress: Callable[[str], None] = lambda m: None) ->
         timings = {"load_s": time.perf_counter() - t0}
 
         t0 = time.perf_counter()
-        options = ExportOptions(max_context=req.max_context, group_size=req.group_size,
+        max_context, context_note = fit_context(loaded, req.max_context)
+        if context_note:
+            progress(context_note)
+        options = ExportOptions(max_context=max_context, group_size=req.group_size,
                                 prefill_lengths=req.prefill_lengths,
                                 calibration_texts=calib, progress=progress)
         artifact = fmt.build(loaded, recipe, options, staging)
         timings["export_s"] = time.perf_counter() - t0
+        if context_note:
+            artifact.notes.append(context_note)
         spec = dict(artifact.spec)
         spec["latency_prompt_ids"] = loaded.tokenizer(" ".join(eval_text().split()),
                                                       add_special_tokens=False)["input_ids"][:LATENCY_PROMPT_TOKENS]
@@ -141,6 +147,18 @@ def run(req: ExportRequest, progress: Callable[[str], None] = lambda m: None) ->
         report.write_reports(staging, manifest)
         bundle.publish(staging, req.out)
     return manifest
+
+
+def fit_context(loaded, requested: int | None) -> tuple[int, str | None]:
+    """The KV-cache length to export: ``requested``, or min(512, the model's positions) with a note."""
+    cfg = loaded.config.get_text_config() if hasattr(loaded.config, "get_text_config") else loaded.config
+    positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if requested is not None:
+        return int(requested), None
+    if positions and positions < DEFAULT_MAX_CONTEXT:
+        return int(positions), (f"max context {positions}: the model's own positions "
+                                f"(fewer than the default {DEFAULT_MAX_CONTEXT}; --max-context sets it)")
+    return DEFAULT_MAX_CONTEXT, None
 
 
 def protected_paths(req: ExportRequest) -> tuple[Path, ...]:

@@ -35,9 +35,12 @@ def parity_rows(parity: dict) -> list[tuple[str, str, str]]:
               "top5_agreement": (">= ", "top5_min"), "ppl_rel_change": ("within ±", "ppl_rel_change_max"),
               "greedy_identical": ("required", "greedy_identical"), "cosine_min": (">= ", "encoder_cosine_min")}
     rows = []
+    encoder = "cosine_min" in metrics  # hidden states compared, not logits
     for key, label, fmt in PARITY_ROWS:
         if key not in metrics or metrics[key] is None:
             continue
+        if encoder:
+            label = label.replace("logit error", "hidden-state error")
         prefix, tkey = limits.get(key, ("", None))
         limit = th.get(tkey) if tkey else None
         limit_text = "" if limit is None else (prefix if limit is True else f"{prefix}{limit:g}")
@@ -49,7 +52,8 @@ def latency_rows(latency: dict) -> list[tuple[str, str]]:
     rows = [(label, fmt.format(latency[key])) for key, label, fmt in LATENCY_ROWS if latency.get(key) is not None]
     pct = latency.get("per_token_ms") or latency.get("per_call_ms")
     if pct:
-        rows.append(("per token p50 / p90 / p99 (ms)", " / ".join(f"{pct[q]:.2f}" for q in ("p50", "p90", "p99"))))
+        unit = "per token" if latency.get("per_token_ms") else f"per call of {latency.get('tokens', '?')} tokens"
+        rows.append((f"{unit} p50 / p90 / p99 (ms)", " / ".join(f"{pct[q]:.2f}" for q in ("p50", "p90", "p99"))))
     return rows
 
 
@@ -108,8 +112,8 @@ def _figure_png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def latency_plot(samples_ms: list[float], title: str) -> str | None:
-    """Histogram of per-token latency as a base64 PNG (None when there is nothing to plot)."""
+def latency_plot(samples_ms: list[float], title: str, per: str = "per-token decode") -> str | None:
+    """Histogram of per-token (or per-call) latency as a base64 PNG (None when there is nothing to plot)."""
     if not samples_ms:
         return None
     import matplotlib
@@ -119,8 +123,8 @@ def latency_plot(samples_ms: list[float], title: str) -> str | None:
 
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.hist(samples_ms, bins=min(40, max(5, len(samples_ms) // 4)), color="#4477aa")
-    ax.set_xlabel("per-token decode latency (ms)")
-    ax.set_ylabel("tokens")
+    ax.set_xlabel(f"{per} latency (ms)")
+    ax.set_ylabel("tokens" if "token" in per else "calls")
     ax.set_title(title)
     png = _figure_png(fig)
     plt.close(fig)
@@ -145,7 +149,9 @@ def html_report(manifest: dict, markdown_text: str) -> str:
         lat = latency["latency"]
         parts.append("<h2>Latency</h2><table>" + "".join(f"<tr><td>{esc(a)}<td>{esc(b)}" for a, b in latency_rows(lat)) + "</table>")
         samples = lat.get("per_token_ms_samples") or lat.get("per_call_ms_samples")
-        png = latency_plot(samples or [], f"{manifest['format']} {manifest['recipe']} on {latency['device'].get('hostname')}")
+        per = "per-token decode" if lat.get("per_token_ms_samples") else f"per-call ({lat.get('tokens')} tokens) encode"
+        png = latency_plot(samples or [], f"{manifest['format']} {manifest['recipe']} on {latency['device'].get('hostname')}",
+                           per)
         if png:
             parts.append(f"<img alt='per-token latency histogram' src='data:image/png;base64,{png}'>")
     parts.append("<h2>Files</h2><table><tr><th>file<th>bytes<th>sha256")

@@ -66,3 +66,66 @@ def test_family_exports_and_matches_pytorch(fam, fmt, recipe, tiny_loaded, tmp_p
     result = parity.evaluate(loaded, runner, recipe, window=48, max_windows=2, greedy_tokens=8)
     assert result["passed"], (result["failures"], {k: v for k, v in result["metrics"].items()
                                                     if not isinstance(v, str)})
+
+
+@pytest.mark.parametrize("target", ["rpi", pytest.param("android", marks=pytest.mark.slow)])
+def test_encoder_on_each_device_target(target, tiny_model_dir, tmp_path):
+    """An encoder through the whole CLI on a device target: parity by cosine, latency per call, no crash
+    in the budget check (encoders have no decode speed or TTFT)."""
+    import json
+
+    from test_cli import run_cli
+
+    out = tmp_path / target
+    proc = run_cli("--target", target, "--model", tiny_model_dir("bert"), "--out", out, "--decode-tokens", "4",
+                   "--repeats", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["family"] == "bert" and manifest["model"]["kind"] == "encoder"
+    assert manifest["parity"]["passed"] and "cosine_min" in manifest["parity"]["metrics"]
+    assert "encode_ms" in manifest["latency"]["latency"] and manifest["budget_failures"] == []
+    assert "hidden-state error" in (out / "report.md").read_text()
+
+
+def test_max_context_defaults_to_the_models_positions(tmp_path, tiny_loaded):
+    from exporter.pipeline import DEFAULT_MAX_CONTEXT, fit_context
+
+    loaded = tiny_loaded("llama")
+    assert fit_context(loaded, None) == (DEFAULT_MAX_CONTEXT, None)
+    assert fit_context(loaded, 64) == (64, None)
+    cfg = loaded.config
+    saved = cfg.max_position_embeddings
+    cfg.max_position_embeddings = 256
+    try:
+        context, note = fit_context(loaded, None)
+        assert context == 256 and "the model's own positions" in note
+    finally:
+        cfg.max_position_embeddings = saved
+
+
+def test_unsupported_architecture_names_the_closest(tmp_path, tiny_model_dir):
+    import json
+    import shutil
+
+    from exporter.errors import ModelLoadError
+    from exporter.loading import load_model
+
+    model = shutil.copytree(tiny_model_dir("llama"), tmp_path / "m")
+    config = json.loads((model / "config.json").read_text())
+    config["model_type"] = "qwen3_moe"
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError) as err:
+        load_model(str(model))
+    assert "unsupported architecture 'qwen3_moe'" in str(err.value) and "'qwen3'" in err.value.hint
+
+
+def test_recipes_explain_and_models_listing(tiny_model_dir):
+    from test_cli import run_cli
+
+    proc = run_cli("recipes", "--explain", "int4-weight", "--format", "pte", "--model", tiny_model_dir("bert"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "encoder.layer.{0..1}.output.dense" in proc.stdout and "int8 weights per channel" in proc.stdout
+    listing = run_cli("models")
+    assert listing.returncode == 0 and "gemma3_text" in listing.stdout and "mobilebert" in listing.stdout
+    table = run_cli("recipes")
+    assert "--target mcu" in table.stdout  # int8-full is tflite's, through the mcu target

@@ -273,13 +273,15 @@ def test_converter_rejection_is_condensed():
 
 def test_encoder_matches_pytorch_and_refuses_long_input(build, tiny_loaded):
     out, art = build("bert", "fp32")
-    assert art.spec["kind"] == "encoder" and art.spec["signature"] == "encode"
+    lengths = sorted(art.spec["signatures"].values())
+    assert art.spec["kind"] == "encoder" and lengths[-1] == MAX_CONTEXT and len(lengths) > 1
     runner = open_runner(out, art.spec, verify_files=False)
-    ids = token_ids(10, seed=5)
-    with torch.no_grad():
-        ref = tiny_loaded("bert").model(torch.tensor([ids])).last_hidden_state[0].numpy()
-    got = runner.encode(ids)
-    assert got.shape == ref.shape and np.abs(got - ref).max() < 1e-4
+    for n in (10, lengths[0] + 3):  # the smallest signature, and the next one up (padded)
+        ids = token_ids(n, seed=5)
+        with torch.no_grad():
+            ref = tiny_loaded("bert").model(torch.tensor([ids])).last_hidden_state[0].numpy()
+        got = runner.encode(ids)
+        assert got.shape == ref.shape and np.abs(got - ref).max() < 1e-4
     with pytest.raises(RunnerError, match="exceed the exported encoder length"):
         runner.encode(token_ids(MAX_CONTEXT + 1))
 

@@ -19,5 +19,7 @@ register(Family(
                  "o": "attention.output.dense", "up": "intermediate.dense", "down": "output.dense"},
     model_roles={"embed": r"embeddings\.word_embeddings"},
     special=("bottlenecks", "stacked FFNs", "NoNorm"),
+    refused={"pte": "torch.export specialises MobileBERT's sequence length (a guard seq != 2), so no "
+                    "dynamic-length program can be exported; use --format onnx or tflite"},
     tiny_config=tiny_config, examples="MobileBERT",
 ))

@@ -326,16 +326,18 @@ def _feed(tokens: list[int], start: int, length: int, cache: dict) -> dict:
 
 
 def _encoder_calibration(spec, loaded, options, calibration_windows) -> dict[str, list[dict]]:
-    length = spec["max_context"]
-    windows = calibration_windows(loaded.tokenizer, options.calibration_texts, length, options.calibration_samples)
-    feeds = []
-    for window in windows:
-        ids = np.full((1, length), spec["pad_token_id"], np.int32)
-        mask = np.zeros((1, length), np.int32)
-        ids[0, :len(window)] = window
-        mask[0, :len(window)] = 1
-        feeds.append({"input_ids": ids, "attention_mask": mask})
-    return {spec["signature"]: feeds}
+    data = {}
+    for name, length in spec["signatures"].items():
+        windows = calibration_windows(loaded.tokenizer, options.calibration_texts, length, options.calibration_samples)
+        feeds = []
+        for window in windows:
+            ids = np.full((1, length), spec["pad_token_id"], np.int32)
+            mask = np.zeros((1, length), np.int32)
+            ids[0, :len(window)] = window
+            mask[0, :len(window)] = 1
+            feeds.append({"input_ids": ids, "attention_mask": mask})
+        data[name] = feeds
+    return data
 
 
 @contextlib.contextmanager

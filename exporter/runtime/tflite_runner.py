@@ -245,18 +245,26 @@ class TFLiteCausalLM(_Base, CausalLMRunner):
 
 
 class TFLiteEncoder(_Base, EncoderRunner):
-    """The ``encode`` signature: ids padded to its fixed length with an attention mask."""
+    """``encode_<N>`` signatures: ids padded to the smallest length that holds them, with an attention mask.
+
+    (Bundles written before there were several lengths have one signature named in ``spec["signature"]``.)
+    """
 
     format = "tflite"
 
     def __init__(self, bundle_dir: Path, spec: dict, threads: int | None = None, runtime: str | None = None):
         EncoderRunner.__init__(self, bundle_dir, spec)
-        name = spec.get("signature", "encode")
-        if name not in self._open(bundle_dir, spec, threads, runtime):
-            raise RunnerError(f"{spec['artifact']} has no signature {name!r}")
-        self.runner = self.interpreter.get_signature_runner(name)
-        self.length = int(self.runner.get_input_details()["input_ids"]["shape"][1])
-        self.out_details = self.runner.get_output_details()
+        available = self._open(bundle_dir, spec, threads, runtime)
+        names = list(spec.get("signatures") or [spec.get("signature", "encode")])
+        missing = [n for n in names if n not in available]
+        if missing:
+            raise RunnerError(f"{spec['artifact']} lacks signatures {missing}; it has {sorted(available)}")
+        self.runners = {}
+        for name in names:
+            runner = self.interpreter.get_signature_runner(name)
+            length = int(runner.get_input_details()["input_ids"]["shape"][1])
+            self.runners[length] = (runner, runner.get_output_details())
+        self.length = max(self.runners)
         self.pad = int(spec.get("pad_token_id", 0))
 
     def encode(self, token_ids: Sequence[int]) -> np.ndarray:
@@ -264,12 +272,14 @@ class TFLiteEncoder(_Base, EncoderRunner):
         ids = [int(t) for t in token_ids]
         if len(ids) > self.length:
             raise RunnerError(f"{len(ids)} tokens exceed the exported encoder length of {self.length}")
-        tokens = np.full((1, self.length), self.pad, np.int32)
-        mask = np.zeros((1, self.length), np.int32)
+        length = min(n for n in self.runners if n >= len(ids))
+        runner, out_details = self.runners[length]
+        tokens = np.full((1, length), self.pad, np.int32)
+        mask = np.zeros((1, length), np.int32)
         tokens[0, :len(ids)] = ids
         mask[0, :len(ids)] = 1
-        out = self.runner(input_ids=tokens, attention_mask=mask)
-        return dequantize(out["last_hidden_state"], self.out_details["last_hidden_state"])[0, :len(ids)]
+        out = runner(input_ids=tokens, attention_mask=mask)
+        return dequantize(out["last_hidden_state"], out_details["last_hidden_state"])[0, :len(ids)]
 
 
 def open_runner(bundle_dir: Path, spec: dict, threads: int | None = None, **opts):
