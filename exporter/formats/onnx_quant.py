@@ -56,7 +56,7 @@ def planned_nodes(model_path: Path, recipe: str, family) -> dict[str, list[str]]
         is_linear = node.op_type != "Gather" and _is_linear_scope(node)
         if not is_linear and node.op_type != "Gather":
             continue
-        rule = plan.rule_for("onnx", role, is_linear)
+        rule = plan.rule_for("onnx", role, is_linear, family.kind if family else None)
         key = "float" if rule is None or rule.weights == "float" else f"{rule.weights}/{rule.granularity}/{rule.activations}"
         groups.setdefault(key, []).append(node.name)
     return groups

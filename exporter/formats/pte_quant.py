@@ -27,7 +27,8 @@ def linear_rules(model: torch.nn.Module, recipe: str, family) -> dict[str, objec
     from exporter.recipes import get_recipe
 
     plan = get_recipe(recipe)
-    return {name: plan.rule_for("pte", family.role_of(name) if family else None)
+    kind = family.kind if family else None
+    return {name: plan.rule_for("pte", family.role_of(name) if family else None, True, kind)
             for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 

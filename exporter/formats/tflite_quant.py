@@ -103,7 +103,7 @@ def _role_paths(loaded, recipe: str, match: str) -> list[str]:
         is_linear = isinstance(module, torch.nn.Linear)
         if not (is_linear or isinstance(module, torch.nn.Embedding)):
             continue
-        rule = plan.rule_for("tflite", loaded.family.role_of(name) if loaded.family else None, is_linear)
+        rule = plan.rule_for("tflite", loaded.family.role_of(name) if loaded.family else None, is_linear, loaded.kind)
         if rule is not None and rule.match == match:
             out.append(name)
     return out
