@@ -28,6 +28,14 @@ CONFIGS = {
         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
         sliding_window=None,
     ),
+    # Gemma-3 (270M: 1 kv head, head_dim 256, 5 sliding layers per global one). A window of 8 makes
+    # tests cross it within a few tokens; head_dim 256 with one kv head is what broke TFLite.
+    "gemma3": lambda: __import__("transformers").Gemma3TextConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"], num_attention_heads=4,
+        num_key_value_heads=1, head_dim=256, sliding_window=8, vocab_size=VOCAB, max_position_embeddings=512,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True,
+    ),
     "bert": lambda: __import__("transformers").BertConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         vocab_size=VOCAB, max_position_embeddings=512,
