@@ -34,7 +34,7 @@ class KVCacheWrapper:
                 self.model = model
 
             def forward(self, input_ids, attention_mask, position_ids, *past):
-                cache = full_length_cache(past, num_layers)
+                cache = full_length_cache(self.model.config, past, num_layers)
                 out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                                  position_ids=position_ids, past_key_values=cache, use_cache=True)
                 present = []
@@ -45,7 +45,7 @@ class KVCacheWrapper:
         return _WithFlatCache().eval()
 
 
-def full_length_cache(past, num_layers: int):
+def full_length_cache(config, past, num_layers: int):
     """A DynamicCache over the flat ``past`` tensors in which every layer keeps all its tokens.
 
     A DynamicCache built from the config gives sliding-window layers (Gemma-3, Qwen2 with a window)
@@ -56,8 +56,12 @@ def full_length_cache(past, num_layers: int):
     (``kv_idx > q_idx - sliding_window``): the same attention as the cropped cache, at any length.
     """
     from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-    cache = DynamicCache()  # no config: every layer a DynamicLayer
+    cache = DynamicCache(config=config)
+    # Only the sliding layers change: any other layer kind the config asks for stays as it is.
+    cache.layers = [DynamicLayer() if isinstance(layer, DynamicSlidingWindowLayer) else layer
+                    for layer in cache.layers]
     for i in range(num_layers):
         cache.update(past[2 * i], past[2 * i + 1], i)
     return cache
