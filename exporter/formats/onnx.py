@@ -25,7 +25,6 @@ class KVCacheWrapper:
     @staticmethod
     def make(model):
         import torch
-        from transformers import DynamicCache
 
         num_layers = model.config.get_text_config().num_hidden_layers
 
@@ -35,9 +34,7 @@ class KVCacheWrapper:
                 self.model = model
 
             def forward(self, input_ids, attention_mask, position_ids, *past):
-                cache = DynamicCache(config=self.model.config)
-                for i in range(num_layers):
-                    cache.update(past[2 * i], past[2 * i + 1], i)
+                cache = full_length_cache(self.model.config, past, num_layers)
                 out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                                  position_ids=position_ids, past_key_values=cache, use_cache=True)
                 present = []
@@ -46,6 +43,28 @@ class KVCacheWrapper:
                 return (out.logits, *present)
 
         return _WithFlatCache().eval()
+
+
+def full_length_cache(config, past, num_layers: int):
+    """A DynamicCache over the flat ``past`` tensors in which every layer keeps all its tokens.
+
+    A DynamicCache built from the config gives sliding-window layers (Gemma-3, Qwen2 with a window)
+    a cache cropped to the window, so their ``present`` tensors stop growing while the full-attention
+    layers' do; the graph has one shared ``past`` axis, and onnxruntime fails (Expand: invalid shape)
+    as soon as the context reaches the window. Plain layers keep every token, and transformers then
+    sizes both masks by the whole past and applies the window in the sliding layers' mask
+    (``kv_idx > q_idx - sliding_window``): the same attention as the cropped cache, at any length.
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    cache = DynamicCache(config=config)
+    # Only the sliding layers change: any other layer kind the config asks for stays as it is.
+    cache.layers = [DynamicLayer() if isinstance(layer, DynamicSlidingWindowLayer) else layer
+                    for layer in cache.layers]
+    for i in range(num_layers):
+        cache.update(past[2 * i], past[2 * i + 1], i)
+    return cache
 
 
 @contextlib.contextmanager

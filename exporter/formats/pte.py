@@ -100,6 +100,10 @@ def _static_cache_module(model, max_context: int):
     model.generation_config.use_cache = True
     model.generation_config.cache_implementation = "static"
     model.generation_config.cache_config = {"batch_size": 1, "max_cache_len": max_context}
+    # Sliding-window layers (Gemma-3) get full-length static layers here too (transformers swaps its
+    # ring-buffer layer, whose Python-int length cannot be exported, for a plain StaticLayer), and
+    # transformers' sliding mask hides slots older than the window: exact past the window
+    # (tests/test_gemma3.py). The cost is a cache of max_context slots on sliding layers as well.
     inner = TorchExportableModuleWithStaticCache(model, batch_size=1, max_cache_len=max_context)
 
     class LLMForward(torch.nn.Module):

@@ -10,8 +10,8 @@ own generative examples do it: fixed-shape signatures sharing one set of weights
 
 The cache is a static buffer of ``max_context`` slots written at ``input_pos`` with a dynamic-update-
 slice; the attention mask is built inside the graph from ``input_pos`` (slot j is visible to a query
-at position p iff j <= p), so padded prompt tokens are never seen by real ones and their slots are
-overwritten by the next real tokens. Encoders get ``encode_<N>`` signatures of a few fixed lengths, padded
+at position p iff j <= p, and on sliding-window layers also j > p - window), so padded prompt tokens
+are never seen by real ones and their slots are overwritten by the next real tokens. Encoders get ``encode_<N>`` signatures of a few fixed lengths, padded
 with an attention mask. Quantization (``tflite_quant``) runs on the converted flatbuffer.
 """
 
@@ -89,10 +89,8 @@ def _explicit_cache_classes():
             slots = cache["k_0"].shape[2]
             layers = [ExplicitCacheLayer(cache[f"k_{i}"], cache[f"v_{i}"], input_pos[0])
                       for i in range(self.num_layers)]
-            # A boolean 4-D mask is passed through by transformers as-is: no finfo.min additive
-            # constant enters the graph, which keeps activation ranges sane for static quantization.
-            visible = torch.arange(slots, dtype=input_pos.dtype)[None, :] <= input_pos[:, None]
-            out = self.model(input_ids=tokens, position_ids=input_pos[None], attention_mask=visible[None, None],
+            mask = static_cache_masks(self.model.config, input_pos, slots)
+            out = self.model(input_ids=tokens, position_ids=input_pos[None], attention_mask=mask,
                              past_key_values=Cache(layers=layers), use_cache=True)
             result = {LOGITS: out.logits}
             for i, layer in enumerate(layers):
@@ -101,6 +99,102 @@ def _explicit_cache_classes():
             return result
 
     return CausalLMWithExplicitCache
+
+
+def sliding_window_plan(config) -> tuple[int | None, bool]:
+    """(window, per layer type) of a causal LM's attention, as transformers' model code decides it.
+
+    Models with ``layer_types`` (Gemma-2/3, Qwen2/3) take a dict of masks keyed by layer type and
+    give each layer the mask of its type; models with one ``sliding_window`` and no layer types
+    (Mistral, Phi-3) apply the window to every layer's single mask.
+    """
+    cfg = config.get_text_config()
+    window = getattr(cfg, "sliding_window", None)
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is not None:
+        return (int(window), True) if window and "sliding_attention" in layer_types else (None, False)
+    if window and getattr(cfg, "use_sliding_window", True):
+        return int(window), False
+    return None, False
+
+
+def static_cache_masks(config, input_pos, slots: int):
+    """The attention mask(s) over ``slots`` static cache slots for queries at ``input_pos``.
+
+    Slot j holds position j. A query at position p sees slot j iff j <= p (slots after p are padding
+    or stale tokens), and on a sliding-window layer also j > p - window (transformers'
+    ``sliding_window_overlay``); without the second rule a static cache of more than ``window``
+    slots lets sliding layers see tokens the model never attends to. Boolean 4-D masks are passed
+    through by transformers as they are: no finfo.min additive constant enters the graph, which
+    keeps activation ranges sane for static quantization.
+    """
+    import torch
+
+    slot = torch.arange(slots, dtype=input_pos.dtype)[None, :]
+    visible = slot <= input_pos[:, None]
+    window, per_layer_type = sliding_window_plan(config)
+    if window is None:
+        return visible[None, None]
+    windowed = visible & (slot > input_pos[:, None] - window)
+    if not per_layer_type:
+        return windowed[None, None]
+    return {"full_attention": visible[None, None], "sliding_attention": windowed[None, None]}
+
+
+FOLDED_ATTENTION = "litert_folded_gqa_sdpa"
+
+
+@contextlib.contextmanager
+def folded_gqa_attention(model):
+    """While active (around the conversion), grouped-query attention runs without ``repeat_kv``.
+
+    Why: transformers' SDPA path repeats the key/value heads (``expand`` + ``reshape``) before the
+    attention matmuls. With ONE kv head (Gemma-3-270M, multi-query attention) the converted
+    ``q @ k^T`` is wrong: litert-torch folds the size-1 broadcast into the batched matmul and the
+    .tflite gives wrong scores for every query but position 0 (measured: max error 79 on a lone
+    ``q @ repeat_kv(k).T``, exact with 2 kv heads or with ``torch.cat`` repeats). Folding each kv
+    head's query heads into the query axis instead, ``(b, kv, groups * seq, d)`` against the
+    un-repeated keys, is the same attention, converts exactly and copies no cache.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    cfg = model.config.get_text_config()
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    original = model.config._attn_implementation
+    if original != "sdpa" or kv_heads == heads:
+        yield
+        return
+    AttentionInterface.register(FOLDED_ATTENTION, _folded_gqa_sdpa)
+    AttentionMaskInterface.register(FOLDED_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(FOLDED_ATTENTION)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(original)
+
+
+def _folded_gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' SDPA attention with the query heads of each kv head folded into the query axis."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    shared_mask = attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[1] == 1
+    if groups == 1 or not shared_mask or kwargs.get("position_bias") is not None:
+        # Causal without a mask or per-head masks: the stock path (our wrappers always pass a mask).
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    b, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    # Query head h = kv * groups + g (repeat_kv's order) goes to rows g * length .. of kv head kv.
+    folded = query.reshape(b, kv_heads, groups * length, dim)
+    mask = attention_mask.expand(attention_mask.shape[0], groups, length, attention_mask.shape[-1])
+    mask = mask.reshape(attention_mask.shape[0], 1, groups * length, attention_mask.shape[-1])
+    out = torch.nn.functional.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)
+    out = out.reshape(b, heads, length, value.shape[-1]).transpose(1, 2).contiguous()
+    return out, None
 
 
 def _encoder_module(model):
@@ -166,7 +260,8 @@ def convert_causal_lm(loaded, max_context: int, prefill_lengths: list[int], mode
     import torch
 
     spec = causal_lm_spec(loaded, "tflite", MODEL_FILE, "fp32")
-    wrapper = _explicit_cache_classes()(model if model is not None else loaded.model, spec["num_layers"]).eval()
+    model = model if model is not None else loaded.model
+    wrapper = _explicit_cache_classes()(model, spec["num_layers"]).eval()
     cache = {}
     for i in range(spec["num_layers"]):
         for kv in "kv":
@@ -181,7 +276,8 @@ def convert_causal_lm(loaded, max_context: int, prefill_lengths: list[int], mode
     for n in prefill_lengths:
         converter.signature(f"prefill_{n}", wrapper, sample_kwargs=sample(n))
     converter.signature("decode", wrapper, sample_kwargs=sample(1))
-    return _run_converter(converter, loaded)
+    with folded_gqa_attention(model):  # the signatures are traced in convert()
+        return _run_converter(converter, loaded)
 
 
 def encoder_lengths(max_len: int) -> list[int]:
