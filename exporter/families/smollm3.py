@@ -4,14 +4,12 @@ from exporter.families import Family, register
 from exporter.families.llama import LLAMA_LAYER_ROLES, LLAMA_LAYERS, LLAMA_MODEL_ROLES, LLAMA_SMOOTHING
 
 
-# pad_token_id=None: a padding row of zeros in the tied embedding gives the lm_head an all-zero channel,
-# whose int4 scale (0) LiteRT's XNNPACK delegate refuses (a known limit of tflite int4-weight).
 def tiny_config():
     from transformers import SmolLM3Config
 
     return SmolLM3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512, bos_token_id=1,
-                         eos_token_id=2, pad_token_id=None, tie_word_embeddings=True)
+                         eos_token_id=2, pad_token_id=0, tie_word_embeddings=True)
 
 
 register(Family(

@@ -186,8 +186,15 @@ _RECIPES = {"fp16": _fp16, "int8-dynamic": _int8_dynamic, "int8-static": _int8_s
 _SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength: half of the outlier range moves into weights
 
 
+# The value written into an all-zero weight row before int4 quantization (see ``_without_zero_rows``).
+_ZERO_ROW_NUDGE = 1e-6
+
+
 def prepare_model(recipe: str, loaded, options):
-    """(torch model to convert, notes): a SmoothQuant copy for int8-static, else ``loaded.model`` itself."""
+    """(torch model to convert, notes): a SmoothQuant copy for int8-static, a copy without all-zero weight
+    rows for int4-weight (when the model has any), else ``loaded.model`` itself."""
+    if recipe == "int4-weight":
+        return _without_zero_rows(loaded.model)
     if recipe != "int8-static" or loaded.kind != "causal-lm":
         return loaded.model, []
     options.progress("smoothing activation outliers into the weights (SmoothQuant) for int8-static")
@@ -195,6 +202,36 @@ def prepare_model(recipe: str, loaded, options):
     if not count:
         return loaded.model, [f"no SmoothQuant pattern known for {loaded.config.model_type}; calibrated as is"]
     return model, [f"SmoothQuant (alpha {_SMOOTH_ALPHA}) on {count} norm/linear pairs before conversion"]
+
+
+def _without_zero_rows(model):
+    """A copy whose all-zero weight rows hold one tiny value, if the model has such rows.
+
+    A padding token's embedding row is often exactly zero; with tied embeddings that is an output
+    channel of the lm_head too, whose blockwise int4 scale is then 0, and LiteRT's XNNPACK delegate
+    refuses the whole model ("unsupported scale value (0.000000) ... for INT4 tensor"). 1e-6 in every
+    element of the row changes that token's embedding and logit by far less than 4-bit rounding does.
+    """
+    import copy
+
+    import torch
+
+    def zero_rows(w):
+        return (w.detach().abs().amax(dim=-1) == 0).nonzero().flatten()
+
+    weights = [m.weight for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
+    if not any(len(zero_rows(w)) for w in weights):
+        return model, []
+    model = copy.deepcopy(model)
+    count = 0
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+                rows = zero_rows(m.weight)
+                m.weight[rows] = _ZERO_ROW_NUDGE  # every block of the row needs a non-zero scale
+                count += len(rows)
+    return model, [f"{count} all-zero weight rows (e.g. the padding token's embedding) set to {_ZERO_ROW_NUDGE:g} "
+                   ": XNNPACK refuses an int4 channel whose scale is 0"]
 
 
 def smooth_model(loaded, options, alpha: float = _SMOOTH_ALPHA, window: int = 128):
