@@ -43,10 +43,15 @@ def tiny_bundle(tiny_model_dir, tmp_path_factory):
     """A tiny Llama exported by the real pipeline (onnx fp32), plus a chat template for the chat tests."""
     from exporter.pipeline import ExportRequest, run
 
+    import shutil
+
+    # The template goes into the model folder, so the export ships it as part of the verified bundle
+    # (a file added to a bundle afterwards is refused by every runner).
+    model = shutil.copytree(tiny_model_dir("llama"), tmp_path_factory.mktemp("chat-model") / "llama")
+    (model / "chat_template.jinja").write_text(TINY_CHAT_TEMPLATE)
     out = tmp_path_factory.mktemp("examples") / "tiny-onnx"
-    run(ExportRequest(target="host", out=out, model=str(tiny_model_dir("llama")), format="onnx", recipe="fp32",
+    run(ExportRequest(target="host", out=out, model=str(model), format="onnx", recipe="fp32",
                       measure=False, cache_dir=tmp_path_factory.mktemp("cache")))
-    (out / "chat_template.jinja").write_text(TINY_CHAT_TEMPLATE)
     return out
 
 
