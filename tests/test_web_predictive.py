@@ -133,9 +133,13 @@ def test_page_matches_python_side(page_server, tiny_bundle, tmp_path):
 
 def test_server_errors_are_one_clear_message(tiny_bundle, tmp_path, monkeypatch):
     # A bundle that is not an ONNX causal LM, run as users run it: one message, no traceback.
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "runtime.json").write_text(json.dumps({"format": "tflite", "kind": "causal-lm", "artifact": "model.tflite"}))
+    import shutil
+
+    from test_untrusted import edit_spec, reseal
+
+    bad = shutil.copytree(tiny_bundle, tmp_path / "bad")
+    edit_spec(bad, format="tflite")  # a well-formed, verified bundle of a format the page cannot run
+    reseal(bad)
     if (WEB / "node_modules" / "onnxruntime-web" / "dist").is_dir():
         done = subprocess.run([sys.executable, "-m", "examples.predictive_text.web", "--bundle", str(bad)], cwd=ROOT,
                               capture_output=True, text=True, timeout=60)
