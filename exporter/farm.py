@@ -369,8 +369,10 @@ def load_bundle(path: str | Path, runtime_copy: Path) -> Bundle:
     files = {}
     for root, prefix in ((path, "bundle"), (runtime_copy, RUNTIME_PACKAGE)):
         for rel in walk_plain_files(root):
+            # verify() has just hashed the manifest's files: only the rest (manifest, reports, runtime) here.
+            entry = manifest["files"].get(rel) if root is path else None
             p = root / rel
-            files[f"{prefix}/{rel}"] = {"sha256": sha256(p), "bytes": p.stat().st_size}
+            files[f"{prefix}/{rel}"] = entry or {"sha256": sha256(p), "bytes": p.stat().st_size}
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12]
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", path.resolve().name) or "bundle"
     return Bundle(path=path, manifest=manifest, spec=spec, files=files, deploy_name=f"{safe}-{digest}")

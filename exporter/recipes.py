@@ -194,20 +194,27 @@ _add(Recipe(
 ))
 
 
-def explain(recipe: Recipe, fmt: str, family, model, group_size: int = 32) -> list[tuple[str, str, str, str]]:
-    """(module path, role, what it gets, why) for every linear and embedding layer of ``model``."""
+def layer_rules(recipe: Recipe, fmt: str, family, model, embeddings: bool = True) -> dict[str, tuple]:
+    """module path -> (role, rule or None, is_linear) for every nn.Linear (and nn.Embedding) of ``model``
+    under ``recipe``'s ``fmt`` plan: the one place a plan meets a model's modules."""
     import torch
 
-    rows = []
+    kinds = (torch.nn.Linear, torch.nn.Embedding) if embeddings else (torch.nn.Linear,)
+    out = {}
     for name, module in model.named_modules():
-        is_linear = isinstance(module, torch.nn.Linear)
-        if not (is_linear or isinstance(module, torch.nn.Embedding)):
+        if not isinstance(module, kinds):
             continue
+        is_linear = isinstance(module, torch.nn.Linear)
         role = family.role_of(name) if family else None
-        rule = recipe.rule_for(fmt, role, is_linear, family.kind if family else None)
-        rows.append((name, role or "-", rule.describe(group_size) if rule else "float",
-                     (rule.why or f"rule {rule.match!r}") if rule else "no rule takes it"))
-    return rows
+        out[name] = (role, recipe.rule_for(fmt, role, is_linear, family.kind if family else None), is_linear)
+    return out
+
+
+def explain(recipe: Recipe, fmt: str, family, model, group_size: int = 32) -> list[tuple[str, str, str, str]]:
+    """(module path, role, what it gets, why) for every linear and embedding layer of ``model``."""
+    return [(name, role or "-", rule.describe(group_size) if rule else "float",
+             (rule.why or f"rule {rule.match!r}") if rule else "no rule takes it")
+            for name, (role, rule, _) in layer_rules(recipe, fmt, family, model).items()]
 
 
 def get_recipe(name: str) -> Recipe:

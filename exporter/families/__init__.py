@@ -86,13 +86,6 @@ class Family:
         """(path, module) of every module of ``model`` with ``role``."""
         return [(n, m) for n, m in model.named_modules() if n and self.role_of(n) == role]
 
-    def layer_module(self, model, index: int, role: str):
-        """The module with ``role`` in layer ``index`` of ``model`` (None if the layer has none)."""
-        for name, module in self.modules(model, role):
-            if self.layer_of(name) == index:
-                return module
-        return None
-
     def num_layers(self, model) -> int:
         return len({self.layer_of(n) for n, _ in model.named_modules() if self.layer_of(n) is not None})
 

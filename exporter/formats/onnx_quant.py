@@ -26,12 +26,6 @@ def _scopes(node) -> list[str]:
     return scopes if isinstance(scopes, list) else []
 
 
-def module_path(node) -> str | None:
-    """The torch module path a node came from (None when the exporter recorded none)."""
-    scopes = _scopes(node)
-    return scopes[-2] if len(scopes) >= 2 else None
-
-
 def planned_nodes(model_path: Path, recipe: str, family) -> dict[str, list[str]]:
     """The graph's MatMul/Gemm/Gather node names grouped by what the recipe's onnx plan gives them.
 
@@ -49,22 +43,21 @@ def planned_nodes(model_path: Path, recipe: str, family) -> dict[str, list[str]]
     for node in onnx.load(str(model_path), load_external_data=False).graph.node:
         if node.op_type not in QUANTIZABLE_OPS:
             continue
-        path = module_path(node) or ""
+        scopes = _scopes(node)
+        path = scopes[-2] if len(scopes) >= 2 else ""
         role = family.role_of(path) if family and path else None
-        if node.op_type == "Gather" and role != "embed":
-            continue
-        is_linear = node.op_type != "Gather" and _is_linear_scope(node)
-        if not is_linear and node.op_type != "Gather":
-            continue
+        if node.op_type == "Gather":
+            if role != "embed":
+                continue
+            is_linear = False
+        elif scopes and re.fullmatch(r"linear(_\d+)?", str(scopes[-1])):
+            is_linear = True
+        else:
+            continue  # attention's activation x activation products are no layer of the plan
         rule = plan.rule_for("onnx", role, is_linear, family.kind if family else None)
         key = "float" if rule is None or rule.weights == "float" else f"{rule.weights}/{rule.granularity}/{rule.activations}"
         groups.setdefault(key, []).append(node.name)
     return groups
-
-
-def _is_linear_scope(node) -> bool:
-    scopes = _scopes(node)
-    return bool(scopes) and re.fullmatch(r"linear(_\d+)?", str(scopes[-1])) is not None
 
 
 def apply(recipe: str, src: Path, dst: Path, loaded, options) -> list[str]:

@@ -223,7 +223,8 @@ def _prepare(model, recipe: str, group_size: int, family):
     skipped = []
     if recipe == "int4-weight":
         four_bit = [n for n, r in pte_quant.linear_rules(model, recipe, family).items() if r and r.weights == "int4"]
-        widths = {n: m.in_features for n, m in model.named_modules() if n in set(four_bit)}
+        four = set(four_bit)
+        widths = {n: m.in_features for n, m in model.named_modules() if n in four}
         skipped = [n for n in four_bit if widths[n] % group_size]
         if four_bit and len(skipped) == len(four_bit):
             raise UnsupportedRecipeError(

@@ -24,12 +24,10 @@ PT2E_RECIPES = ("int8-dynamic", "int8-static")
 
 def linear_rules(model: torch.nn.Module, recipe: str, family) -> dict[str, object]:
     """module path -> the rule of ``recipe``'s pte plan that takes each nn.Linear (None: stays float)."""
-    from exporter.recipes import get_recipe
+    from exporter.recipes import get_recipe, layer_rules
 
-    plan = get_recipe(recipe)
-    kind = family.kind if family else None
-    return {name: plan.rule_for("pte", family.role_of(name) if family else None, True, kind)
-            for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return {name: rule for name, (_, rule, _) in
+            layer_rules(get_recipe(recipe), "pte", family, model, embeddings=False).items()}
 
 
 def prepare_eager(model: torch.nn.Module, recipe: str, group_size: int, family=None) -> torch.nn.Module:

@@ -93,20 +93,10 @@ def scope_regex(model, paths: list[str]) -> str:
 
 def _role_paths(loaded, recipe: str, match: str) -> list[str]:
     """Module paths of the linears (or embeddings) the tflite plan's rule ``match`` takes."""
-    import torch
+    from exporter.recipes import get_recipe, layer_rules
 
-    from exporter.recipes import get_recipe
-
-    plan = get_recipe(recipe)
-    out = []
-    for name, module in loaded.model.named_modules():
-        is_linear = isinstance(module, torch.nn.Linear)
-        if not (is_linear or isinstance(module, torch.nn.Embedding)):
-            continue
-        rule = plan.rule_for("tflite", loaded.family.role_of(name) if loaded.family else None, is_linear, loaded.kind)
-        if rule is not None and rule.match == match:
-            out.append(name)
-    return out
+    return [name for name, (_, rule, _) in layer_rules(get_recipe(recipe), "tflite", loaded.family, loaded.model).items()
+            if rule is not None and rule.match == match]
 
 
 # ---------------------------------------------------------------- recipes
@@ -292,11 +282,13 @@ def _smoothing_groups(model, family=None) -> list:
 
     if family is None or not family.smoothing:
         return []
+    # (layer, role) -> module, built once: the pairs below look up a few roles in every layer.
+    by_role = {(family.layer_of(n), family.role_of(n)): m for n, m in model.named_modules() if n}
     groups = []
-    for index in range(family.num_layers(model)):
+    for index in sorted({layer for layer, _ in by_role if layer is not None}):
         for producer_role, consumer_roles in family.smoothing:
-            producer = family.layer_module(model, index, producer_role)
-            consumers = [family.layer_module(model, index, r) for r in consumer_roles]
+            producer = by_role.get((index, producer_role))
+            consumers = [by_role.get((index, r)) for r in consumer_roles]
             if producer is None or any(c is None for c in consumers):
                 continue
             if not all(isinstance(c, torch.nn.Linear) for c in consumers):

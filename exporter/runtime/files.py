@@ -46,8 +46,7 @@ def bundle_path(bundle_dir: Path, rel: object, what: str = "file") -> Path:
         raise BundleFileError(f"the bundle names its {what} as {rel!r}: not a plain relative path")
     parts = PurePosixPath(rel).parts
     if PurePosixPath(rel).is_absolute() or any(p in ("", ".", "..") for p in parts) or rel != "/".join(parts):
-        raise BundleFileError(f"the bundle names its {what} as {rel!r}, a path that leaves the bundle folder",
-                              )
+        raise BundleFileError(f"the bundle names its {what} as {rel!r}, a path that leaves the bundle folder")
     root = Path(bundle_dir)
     path = root
     for i, part in enumerate(parts):
