@@ -1,0 +1,92 @@
+"""The PyTorch reference is checked before any export: plausibility of its perplexity, and llama.cpp's
+logits on the same GGUF (exporter/reference.py, exporter/llama_cpp_peer.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from exporter import reference
+from exporter.reference import ImplausibleReference
+
+
+def test_bounds_depend_on_size():
+    assert reference.perplexity_bound(1_000_000) is None  # random test models are not checked
+    assert reference.perplexity_bound(50_000_000) == 400.0
+    assert reference.perplexity_bound(135_000_000) == 120.0
+
+
+def test_tiny_random_model_is_measured_but_not_judged(tiny_loaded):
+    result = reference.check(tiny_loaded("llama"), cross_check="never")
+    assert result["checked"] is False and "random test models" in result["why"]
+    assert result["ppl"] > 100  # a random model of a 1000-token vocabulary is near-uniform
+
+
+def test_encoder_is_not_checked(tiny_loaded):
+    assert reference.check(tiny_loaded("bert"))["checked"] is False
+
+
+def test_a_model_of_trained_size_with_random_weights_is_refused(tiny_loaded, monkeypatch):
+    """The bound applies by parameter count: the same random model, claimed to be 135M, is refused."""
+    loaded = tiny_loaded("llama")
+    monkeypatch.setitem(loaded.identity, "num_parameters", 135_000_000)
+    with pytest.raises(ImplausibleReference, match=r"perplexity \d+\.\d on English text.*below 120"):
+        reference.check(loaded, cross_check="never")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from exporter.loading import load_model
+
+    return load_model(None)
+
+
+@pytest.mark.slow
+def test_real_smollm2_reference_is_plausible(smollm2):
+    result = reference.check(smollm2, cross_check="never")
+    assert result["checked"] and result["ppl"] < 60, result
+
+
+@pytest.mark.slow
+def test_real_smollm2_with_scrambled_embeddings_is_refused(smollm2):
+    """A conversion that scrambles the embedding rows (a tokenizer/vocab mismatch looks the same)."""
+    import torch
+
+    emb = smollm2.model.get_input_embeddings().weight
+    saved = emb.detach().clone()
+    try:
+        with torch.no_grad():
+            emb.copy_(saved[torch.randperm(saved.shape[0], generator=torch.Generator().manual_seed(0))])
+        with pytest.raises(ImplausibleReference, match="implausible"):
+            reference.check(smollm2, cross_check="never")
+    finally:
+        with torch.no_grad():
+            emb.copy_(saved)
+
+
+# llama.cpp is built once from the llama-cpp-python sdist (minutes of CPU, cached under the model
+# cache): the full suite builds it, the fast tier (-m "not slow") skips these.
+@pytest.mark.slow
+def test_real_smollm2_agrees_with_llama_cpp(smollm2):
+    result = reference.check(smollm2, cross_check="always")["llama_cpp"]
+    assert result["checked"] and result["tokens_identical"], result
+    assert result["top1_agreement"] >= 0.92 and abs(result["ppl_rel_change"]) < 0.03, result
+
+
+@pytest.mark.slow
+def test_real_smollm2_whose_weights_drifted_from_the_gguf_is_refused(smollm2):
+    """Perplexity alone would pass this model (it still knows English); llama.cpp on the GGUF does not
+    agree with it, so the export is refused."""
+    import torch
+
+    layer = smollm2.model.model.layers[3].mlp.down_proj.weight
+    saved = layer.detach().clone()
+    try:
+        with torch.no_grad():
+            layer.mul_(-1.0)
+        result = reference.check(smollm2, cross_check="never")
+        assert result["checked"], result  # plausible on its own
+        with pytest.raises(ImplausibleReference, match="disagrees with llama.cpp"):
+            reference.check(smollm2, cross_check="always")
+    finally:
+        with torch.no_grad():
+            layer.copy_(saved)
