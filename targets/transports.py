@@ -521,7 +521,6 @@ class EmulatedTransport(LocalTransport):
     """
 
     name = "emulated"
-    emulated = True
 
     def __init__(self, python_argv: list[str], label: str, env: Mapping[str, str]):
         super().__init__(label=label)
