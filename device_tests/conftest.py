@@ -1,6 +1,6 @@
 """Device tests: ``pytest device_tests --farm FARM.toml --bundle DIR [--bundle DIR2] [--farm-device NAME]``.
 
-The farm runs once per session (every device in parallel, see ``exporter/farm.py``); each device is
+The farm runs once per session (every device in parallel, see ``exporter/farm/``); each device is
 then one test, and each of its checks is reported in that test's failure message. Without
 ``--farm`` the device tests are skipped (they need real devices, or the private sshd of
 tests/test_farm.py). Add ``--junitxml F`` for pytest's own JUnit file; ``--farm-report DIR`` also

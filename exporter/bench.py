@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SlmExportError
+from .htmlpage import esc, figure_png, img, page_head, pyplot
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -294,15 +295,8 @@ def write_csv(result: dict) -> str:
 
 def plot_png(result: dict) -> str:
     """Decode tok/s per contender (bars: median, whiskers: min..max, ticks: roofline) as base64 PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .report import _figure_png
-
     rows = result["rows"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, (ax1, ax2) = pyplot().subplots(1, 2, figsize=(12, 4.2))
     names = [r["name"] for r in rows]
     med = [r["decode_tok_s"]["median"] for r in rows]
     err = [[m - r["decode_tok_s"]["min"] for m, r in zip(med, rows)], [r["decode_tok_s"]["max"] - m for m, r in zip(med, rows)]]
@@ -321,7 +315,7 @@ def plot_png(result: dict) -> str:
     ax2.set_ylabel("top-1 agreement with PyTorch fp32")
     ax2.set_title("size vs error")
     fig.tight_layout()
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 def write_outputs(result: dict, out_dir: Path) -> None:
@@ -331,14 +325,13 @@ def write_outputs(result: dict, out_dir: Path) -> None:
     (out_dir / "bench.json").write_text(json.dumps(result, indent=2))
     (out_dir / "bench.csv").write_text(write_csv(result))
     (out_dir / "bench.md").write_text(md)
-    import html
+    (out_dir / "bench.html").write_text(html_page(result, md))
 
-    (out_dir / "bench.html").write_text(
-        "<!doctype html><meta charset='utf-8'><title>slm-export bench</title>"
-        "<body style='font-family:sans-serif;max-width:1200px;margin:auto'><h1>slm-export bench</h1>"
-        f"<pre>{html.escape(md)}</pre><img alt='decode speed and size vs error' "
-        f"src='data:image/png;base64,{plot_png(result)}'></body>"
-    )
+
+def html_page(result: dict, md: str) -> str:
+    """bench.html: the markdown table as text, and the plots."""
+    return "\n".join([page_head("slm-export bench", width="1200px"), "<h1>slm-export bench</h1>",
+                      f"<pre>{esc(md)}</pre>", img(plot_png(result), "decode speed and size vs error")])
 
 
 def prompt_ids(tokenizer, n: int) -> list[int]:

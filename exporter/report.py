@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 from pathlib import Path
+
+from .htmlpage import esc, figure_png, img, page_head, pyplot
 
 PARITY_ROWS = (
     ("max_abs_err", "max |logit error|", "{:.4g}"),
@@ -106,37 +105,22 @@ def markdown(manifest: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _figure_png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def latency_plot(samples_ms: list[float], title: str, per: str = "per-token decode") -> str | None:
     """Histogram of per-token (or per-call) latency as a base64 PNG (None when there is nothing to plot)."""
     if not samples_ms:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3))
+    fig, ax = pyplot().subplots(figsize=(6, 3))
     ax.hist(samples_ms, bins=min(40, max(5, len(samples_ms) // 4)), color="#4477aa")
     ax.set_xlabel(f"{per} latency (ms)")
     ax.set_ylabel("tokens" if "token" in per else "calls")
     ax.set_title(title)
-    png = _figure_png(fig)
-    plt.close(fig)
-    return png
+    return figure_png(fig)
 
 
 def html_report(manifest: dict, markdown_text: str) -> str:
     """report.html: the tables of report.md plus the latency distribution plot."""
-    esc = html.escape
-    parts = [f"<!doctype html><meta charset='utf-8'><title>{esc(manifest['format'])} / {esc(manifest['recipe'])}</title>",
-             "<style>body{font-family:sans-serif;max-width:56em;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:2px 8px}.fail{color:#b00}.pass{color:#070}</style>"]
+    parts = [page_head(f"{manifest['format']} / {manifest['recipe']}", width="56em",
+                       css=".fail{color:#b00}.pass{color:#070}")]
     parity = manifest.get("parity")
     parts.append(f"<h1>{esc(markdown_text.splitlines()[0].lstrip('# '))}</h1>")
     if parity:
@@ -153,7 +137,7 @@ def html_report(manifest: dict, markdown_text: str) -> str:
         png = latency_plot(samples or [], f"{manifest['format']} {manifest['recipe']} on {latency['device'].get('hostname')}",
                            per)
         if png:
-            parts.append(f"<img alt='per-token latency histogram' src='data:image/png;base64,{png}'>")
+            parts.append(img(png, "per-token latency histogram"))
     parts.append("<h2>Files</h2><table><tr><th>file<th>bytes<th>sha256")
     parts += [f"<tr><td>{esc(k)}<td>{v['bytes']}<td><code>{v['sha256'][:16]}…</code>" for k, v in manifest["files"].items()]
     parts.append("</table>")
@@ -161,6 +145,7 @@ def html_report(manifest: dict, markdown_text: str) -> str:
 
 
 def write_reports(staging: Path, manifest: dict) -> None:
+    """Write the bundle's report.md and report.html into ``staging``."""
     md = markdown(manifest)
     (staging / "report.md").write_text(md)
     (staging / "report.html").write_text(html_report(manifest, md))

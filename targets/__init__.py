@@ -40,6 +40,34 @@ class Budgets:
 
 
 @dataclass(frozen=True)
+class Trtexec:
+    """How the device farm times a bundle's ``.onnx`` with NVIDIA's ``trtexec`` on a target's devices."""
+
+    commands: tuple[str, ...]  # names or paths the device probe looks for; the first found is run
+    # (tool, onnx path on the device, runtime spec, prompt tokens) -> the argv timing one decode step
+    argv: Callable[[str, str, dict, int], list[str]]
+    parse: Callable[[str], dict]  # trtexec's output -> figures ({"gpu_compute_ms": {"median": ...}, ...})
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """What the device farm does differently on a target's devices; the defaults change nothing.
+
+    ONNX bundles run with ``ort_providers`` (in priority order; a farm device may override them),
+    and a run must really have used every one of ``required_providers`` (else the device has the
+    wrong onnxruntime build, and ``runtime_pip_hint`` says which to install).
+    """
+
+    ort_providers: tuple[str, ...] = ()
+    required_providers: tuple[str, ...] = ()
+    # (runtime spec, a cache folder beside the deployed bundle) -> {provider: {option: value}}
+    provider_options: Callable[[dict, str], dict] | None = None
+    provider_cache_dir: str = "trt_cache"  # that folder's name
+    runtime_pip_hint: str | None = None  # how to install the ONNX runtime this target needs
+    trtexec: Trtexec | None = None
+
+
+@dataclass(frozen=True)
 class Target:
     """A kind of device: its formats (first is the default), default recipe per format, budgets."""
 
@@ -60,6 +88,8 @@ class Target:
     # **options) -> dict runs the staged bundle on the attached device and returns its figures.
     on_device_precheck: Callable | None = None
     on_device: Callable | None = None
+    # What the device farm does differently on this target (execution providers, trtexec timing).
+    device_profile: DeviceProfile = field(default_factory=DeviceProfile)
 
     @property
     def default_format(self) -> str:
@@ -78,4 +108,5 @@ def register(target: Target) -> Target:
 
 
 def get_target(name: str) -> Target:
+    """The registered target called ``name`` (an error listing the targets when there is none)."""
     return TARGETS.get(name)

@@ -14,20 +14,9 @@ from __future__ import annotations
 
 import re
 
-from targets import Budgets, Target, register
+from targets import Budgets, DeviceProfile, Target, Trtexec, register
 
-register(Target(
-    name="jetson",
-    description="NVIDIA Jetson Orin over ssh: ONNX fp16 on onnxruntime TensorRT/CUDA EPs, int8-static alternative",
-    formats=("onnx",),
-    default_recipes={"onnx": "fp16"},
-    transport="ssh",
-    # SmolLM2-135M fp16 on an Orin Nano 8 GB: budgets for a responsive on-board assistant, not measured
-    # limits. RSS is high on Jetson because CUDA / TensorRT libraries and the context live in process memory.
-    budgets=Budgets(decode_tok_s_min=25.0, ttft_ms_max=400.0, peak_rss_mb_max=3072.0),
-))
-
-# ---- what the device farm does differently on this target (read by exporter.farm) ----
+# ---- what the device farm does differently on this target (its DeviceProfile, below) ----
 
 # Execution providers in priority order; onnxruntime assigns each node to the first that takes it.
 ORT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -101,3 +90,23 @@ def parse_trtexec(output: str) -> dict:
         if m:
             out["throughput_qps"] = float(m.group(1))
     return out
+
+
+register(Target(
+    name="jetson",
+    description="NVIDIA Jetson Orin over ssh: ONNX fp16 on onnxruntime TensorRT/CUDA EPs, int8-static alternative",
+    formats=("onnx",),
+    default_recipes={"onnx": "fp16"},
+    transport="ssh",
+    # SmolLM2-135M fp16 on an Orin Nano 8 GB: budgets for a responsive on-board assistant, not measured
+    # limits. RSS is high on Jetson because CUDA / TensorRT libraries and the context live in process memory.
+    budgets=Budgets(decode_tok_s_min=25.0, ttft_ms_max=400.0, peak_rss_mb_max=3072.0),
+    device_profile=DeviceProfile(
+        ort_providers=ORT_PROVIDERS,
+        required_providers=REQUIRED_PROVIDERS,
+        provider_options=provider_options,
+        provider_cache_dir=TRT_CACHE_DIR,
+        runtime_pip_hint=RUNTIME_PIP_HINT,
+        trtexec=Trtexec(commands=TRTEXEC, argv=trtexec_argv, parse=parse_trtexec),
+    ),
+))

@@ -236,11 +236,27 @@ def check_remote_path(path: str, what: str = "path") -> str:
     return path
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What the farm may conclude from runs over a transport; each transport class declares its own.
+
+    The farm reads these instead of asking which transport it has, so a new transport (a Ray worker,
+    a simulator) says what its figures are worth and the checks follow.
+    """
+
+    # Latency measured through this transport is the device's own: the target's budgets are judged on it.
+    device_timings: bool = True
+    timings_note: str = ""  # why budgets are skipped when device_timings is False
+    note: str = ""  # said on a device's report row when all its checks pass (how to read its figures)
+    refused_formats: Mapping[str, str] = field(default_factory=dict)  # format -> why it is not run here
+
+
 class Transport:
     """A way to run programs on a device and copy folders to it."""
 
     name = ""
     label = ""
+    capabilities = Capabilities()  # a real device: its timings are its own and every format runs
 
     def run(self, argv: list[str], timeout: float, env: Mapping[str, str] | None = None,
             what: str = "") -> Result:
@@ -505,10 +521,10 @@ class EmulatedTransport(LocalTransport):
     """
 
     name = "emulated"
-    emulated = True
 
     def __init__(self, python_argv: list[str], label: str, env: Mapping[str, str]):
         super().__init__(label=label)
+        self.capabilities = emulated_capabilities()
         self.python_argv = list(python_argv)
         self.env = dict(env)
 
@@ -517,3 +533,13 @@ class EmulatedTransport(LocalTransport):
         cmd = self.python_argv + argv[1:] if argv and argv[0] in ("python3", "python") else argv
         code, out, err, secs = _run_process(cmd, timeout, cwd=self.home, env={**self.env, **(env or {})}, what=what)
         return Result(argv, code, out, err, secs)
+
+
+def emulated_capabilities() -> Capabilities:
+    """An emulated board's: QEMU translates every instruction (its latency is not the board's), and
+    ExecuTorch ``.pte`` does not run there (its runtime needs an aarch64 torch)."""
+    # Imported here: exporter.emulate builds EmulatedTransport, so it may not be needed at import time.
+    from exporter.emulate import EMULATED_NOTE, PTE_NOTE
+
+    return Capabilities(device_timings=False, timings_note=f"{EMULATED_NOTE} (QEMU translates every instruction)",
+                        note=EMULATED_NOTE, refused_formats={"pte": PTE_NOTE})

@@ -480,6 +480,52 @@ def test_jetson_profiles_and_trtexec_parsing():
     figures = parse_trtexec(sample)
     assert figures["gpu_compute_ms"]["median"] == 1.11 and figures["latency_ms"]["mean"] == 1.24
     assert figures["throughput_qps"] == 812.5
+    # The farm reads these hooks from the target's declared DeviceProfile, not from module attributes.
+    profile = t.device_profile
+    assert profile.required_providers == ("CUDAExecutionProvider",) and profile.provider_options is provider_options
+    assert profile.trtexec.argv is trtexec_argv and profile.trtexec.parse is parse_trtexec
+    assert "/usr/src/tensorrt/bin/trtexec" in profile.trtexec.commands and "onnxruntime-gpu" in profile.runtime_pip_hint
+    assert get_target("rpi").device_profile.trtexec is None and not get_target("rpi").device_profile.ort_providers
+
+
+TRTEXEC_SAMPLE = "[I] GPU Compute Time: min = 1.01 ms, max = 2.02 ms, mean = 1.12 ms, median = 1.11 ms\n"
+
+
+def test_checks_are_functions_of_a_runs_results():
+    """parity / budget / providers / trtexec judge what a device reported, with no device at hand."""
+    from exporter.farm import Bundle
+    from exporter.farm import checks as farm_checks
+    from targets import get_target
+    from targets.transports import Capabilities, Result, emulated_capabilities
+
+    rpi, jetson = get_target("rpi"), get_target("jetson")
+    fast = {"latency": {"decode_tok_s": 50.0, "ttft_ms": 100.0, "peak_rss_mb": 200.0}}
+    assert farm_checks.budget(fast, rpi, {}, Capabilities()).status == "passed"
+    missed = farm_checks.budget(fast, rpi, {"decode_tok_s_min": 1e9}, Capabilities())
+    assert missed.status == "failed" and "missed the rpi budget" in missed.message
+    emulated = farm_checks.budget(fast, rpi, {}, emulated_capabilities())
+    assert emulated.status == "skipped" and "emulated: latency is not device latency" in emulated.message
+    assert "pte" in emulated_capabilities().refused_formats and not Capabilities().refused_formats
+
+    cpu_only = {"ort_providers": {"used": [["CPUExecutionProvider"]], "available": ["CPUExecutionProvider"]}}
+    prov = farm_checks.providers(cpu_only, jetson.device_profile)
+    assert prov.status == "failed" and "onnxruntime-gpu" in prov.message
+    assert farm_checks.providers(cpu_only, rpi.device_profile).status == "passed"  # nothing required
+    assert farm_checks.providers({}, jetson.device_profile) is None  # the run asked for no providers
+
+    b = Bundle(path=Path("b"), manifest={"format": "onnx", "recipe": "fp16"},
+               spec={"artifact": "model.onnx", "kind": "encoder"}, files={}, deploy_name="b-0")
+    ran = []
+
+    def device(argv):
+        ran.append(argv)
+        return Result(argv, 0, TRTEXEC_SAMPLE, "", 0.1)
+
+    timed = farm_checks.trtexec(b, "d", {"trtexec": "/usr/bin/trtexec"}, jetson.device_profile, device)
+    assert timed.status == "passed" and "1.110 ms" in timed.message and ran[0][:2] == [
+        "/usr/bin/trtexec", "--onnx=d/bundle/model.onnx"]
+    assert farm_checks.trtexec(b, "d", {}, jetson.device_profile, device).status == "skipped"
+    assert farm_checks.trtexec(b, "d", {"trtexec": "t"}, rpi.device_profile, device) is None
 
 
 def test_jetson_device_without_gpu_runtime_fails_the_providers_check(bundle, tmp_path):
