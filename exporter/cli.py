@@ -117,20 +117,12 @@ def _export(req) -> None:
     def progress(message: str) -> None:
         console.print(f"[dim]{time.perf_counter() - start:7.1f}s[/dim] {message}")
 
-    from targets import get_target
-
-    target = get_target(req.target)
-    if target.custom_pipeline is None:
-        target, fmt, recipe = pipeline.resolve(req)
-        fmt_name = fmt.name
-    else:  # the target checks its own format / recipe
-        fmt_name = req.format or target.default_format
-        recipe = req.recipe or target.default_recipe(fmt_name)
-    progress(f"target {target.name}: format {fmt_name}, recipe {recipe}")
-    manifest = pipeline.run(req, progress)
+    plan = pipeline.resolve(req)  # once: run() follows this plan, it does not resolve again
+    progress(f"target {plan.target.name}: format {plan.format}, recipe {plan.recipe}")
+    manifest = pipeline.run(req, progress, plan)
     out = Console()
     parity = manifest["parity"]
-    table = Table(title=f"parity {fmt_name} / {recipe}: {'passed' if parity['passed'] else 'FAILED'}")
+    table = Table(title=f"parity {plan.format} / {plan.recipe}: {'passed' if parity['passed'] else 'FAILED'}")
     for col in ("metric", "value", "threshold"):
         table.add_column(col)
     for row in report.parity_rows(parity):

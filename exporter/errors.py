@@ -43,3 +43,9 @@ class DeviceError(SlmExportError):
     """A device is unreachable, refused us, or lacks what the bundle needs."""
 
     exit_code = 4
+
+
+class BudgetExceeded(SlmExportError):
+    """The model does not fit the board's flash or RAM."""
+
+    exit_code = 5

@@ -1,11 +1,20 @@
-"""The export pipeline: load -> export -> quantize -> validate -> measure -> bundle.
+"""The export pipeline: check -> load -> export (quantize) -> validate -> measure -> bundle.
 
-``run`` is what ``slm-export --target ...`` calls; each stage reports progress through a callback so the
-CLI can show it, and everything is written in a staging folder that is published only when complete.
+``run`` is what ``slm-export --target ...`` calls. ``resolve`` turns the request into a ``Plan`` once
+(target, format, recipe, board budgets); the CLI prints that plan and hands it to ``run``. Every target
+goes through the same stages over one ``Context``: the kind-specific ones (check, load, export,
+validate, measure) come from the target's stage hooks (language models from ``--model``: the ``lm_*``
+functions here; a target with ``Target.stages`` names its own module, e.g. ``exporter.mcu.stages``),
+while the parity gate, the budget check and the bundle (manifest, reports, publish) are shared. Each
+stage reports progress through a callback so the CLI can show it, and everything is written in a
+staging folder that is published only when complete.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import importlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -13,16 +22,18 @@ from pathlib import Path
 from typing import Callable
 
 from . import bundle, latency, parity, report
-from .errors import ParityGateFailed, SlmExportError, UnsupportedRecipeError
+from .errors import BudgetExceeded, ParityGateFailed, SlmExportError, UnsupportedRecipeError
 from .formats import ExportOptions, get_format
 from .loading import load_model
 from .recipes import get_recipe
 from .runtime import RUNTIME_SPEC, open_runner
 from .texts import calibration_texts, eval_text
-from targets import get_target
+from targets import Budgets, Target, get_target
 
 LATENCY_PROMPT_TOKENS = 64
 DEFAULT_MAX_CONTEXT = 512
+# The kind-specific stages, in order; each is a function (Context) -> None of the target's hooks.
+STAGES = ("check", "load", "export", "validate", "measure")
 
 
 @dataclass
@@ -49,104 +60,215 @@ class ExportRequest:
     greedy_tokens: int = 32
     device_runner: str | None = None  # --runner: also run the bundle on an attached device
     device_serial: str | None = None
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # board, Budgets overrides, device_options, student, retrain
 
 
-def resolve(req: ExportRequest) -> tuple:
-    """The target, format and recipe to use; refuses a combination the format or target cannot do."""
+@dataclass(frozen=True)
+class Plan:
+    """What a request resolves to, once: the CLI prints it and ``run`` follows it."""
+
+    target: Target
+    format: str
+    recipe: str
+    budgets: Budgets  # the target's, or its board profile's with the request's overrides
+    board: str | None = None  # the board profile, for a target that has them
+
+    def stages(self) -> dict[str, Callable]:
+        """The target's stage hooks by name (its own module imported only now: it may need torch)."""
+        if self.target.stages is None:
+            return {"check": lm_check, "load": lm_load, "export": lm_export, "validate": lm_validate,
+                    "measure": lm_measure}
+        hooks = importlib.import_module(self.target.stages)
+        return {name: getattr(hooks, name) for name in STAGES}
+
+
+@dataclass
+class Context:
+    """What the stages pass along, filled in order: each stage reads what earlier ones set."""
+
+    req: ExportRequest
+    plan: Plan
+    progress: Callable[[str], None]
+    staging: Path | None = None  # the bundle being written (set once the checks passed)
+    model: object = None  # load: the model to export (a LoadedModel, the mcu's Distilled student)
+    artifact: object = None  # export: a formats.Artifact
+    artifact_bytes: int | None = None  # export: None = the artifact files' total size
+    parity: dict | None = None  # validate: the parity result the gate reads
+    latency: dict | None = None  # measure: host latency (None when not measured)
+    memory: dict = field(default_factory=dict)  # measure: flash_bytes / arena_bytes of the artifact
+    sections: dict = field(default_factory=dict)  # manifest sections of this kind ("model" first)
+    scratch: dict = field(default_factory=dict)  # what one kind's stages hand each other
+    timings: dict = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def timed(self, key: str):
+        """Add the block's wall time to ``timings[key]`` (several stages may share one figure)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
+
+
+def resolve(req: ExportRequest) -> Plan:
+    """The plan of ``req``; refuses a format, recipe or board the target cannot do, before any work."""
     target = get_target(req.target)
     fmt_name = req.format or target.default_format
     if fmt_name not in target.formats:
         raise UnsupportedRecipeError(f"target {target.name!r} does not run format {fmt_name!r}",
                                      hint=f"{target.name} formats: {', '.join(target.formats)}")
-    fmt = get_format(fmt_name)
     recipe = req.recipe or target.default_recipe(fmt_name)
     get_recipe(recipe)
-    if recipe not in fmt.recipes:
+    only = target.recipes.get(fmt_name)
+    if only and recipe not in only:
+        raise UnsupportedRecipeError(f"target {target.name} only builds recipe {', '.join(only)} (got {recipe!r})",
+                                     hint=f"drop --recipe or use {', '.join(only)}")
+    fmt_recipes = only or get_format(fmt_name).recipes
+    if recipe not in fmt_recipes:
         raise UnsupportedRecipeError(f"format {fmt_name!r} cannot do recipe {recipe!r}",
-                                     hint=f"{fmt_name} recipes: {', '.join(fmt.recipes)}")
-    return target, fmt, recipe
+                                     hint=f"{fmt_name} recipes: {', '.join(fmt_recipes)}")
+    board, budgets = target.board_budgets(req.extra)
+    return Plan(target, fmt_name, recipe, budgets, board)
 
 
-def run(req: ExportRequest, progress: Callable[[str], None] = lambda m: None) -> dict:
-    """Export, check and measure; publish the bundle at ``req.out``; return its manifest."""
-    target = get_target(req.target)
-    if target.custom_pipeline is not None:
-        return target.custom_pipeline(req, progress)
-    target, fmt, recipe = resolve(req)
+def run(req: ExportRequest, progress: Callable[[str], None] = lambda m: None, plan: Plan | None = None) -> dict:
+    """Export, check and measure; publish the bundle at ``req.out``; return its manifest.
+
+    ``plan`` is ``resolve(req)`` when the caller (the CLI) has already resolved it.
+    """
+    ctx = Context(req, plan or resolve(req), progress)
+    stages = ctx.plan.stages()
     bundle.check_out_dir(req.out, req.force, protected_paths(req))
-    if req.device_runner:
-        _precheck_device(target, fmt.name, req)
-    calib = calibration_texts(req.calibration, progress) if get_recipe(recipe).calibrated else []
+    stages["check"](ctx)
     with bundle.writing(req.out, req.force, protected_paths(req), progress) as staging:
-        t0 = time.perf_counter()
-        progress(f"load: {req.model or 'embedded default smollm2-135m-instruct'}")
-        loaded = load_model(req.model, cache_dir=req.cache_dir, trust_pickle=req.trust_pickle)
-        fmt.check(loaded.kind, recipe, loaded.family)
-        timings = {"load_s": time.perf_counter() - t0}
-
-        t0 = time.perf_counter()
-        max_context, context_note = fit_context(loaded, req.max_context)
-        if context_note:
-            progress(context_note)
-        options = ExportOptions(max_context=max_context, group_size=req.group_size,
-                                prefill_lengths=req.prefill_lengths,
-                                calibration_texts=calib, progress=progress)
-        artifact = fmt.build(loaded, recipe, options, staging)
-        timings["export_s"] = time.perf_counter() - t0
-        if context_note:
-            artifact.notes.append(context_note)
-        spec = dict(artifact.spec)
-        spec["latency_prompt_ids"] = loaded.tokenizer(" ".join(eval_text().split()),
-                                                      add_special_tokens=False)["input_ids"][:LATENCY_PROMPT_TOKENS]
-        (staging / RUNTIME_SPEC).write_text(json.dumps(spec, indent=2))
-        parity.write_reference(loaded, staging / parity.REFERENCE_FILE, spec.get("eos_token_ids", []))
-        tokenizer_files = bundle.copy_tokenizer_files(loaded.folder, staging)
-        if target.bundle_extras:
-            target.bundle_extras(loaded, staging, spec)
-
-        t0 = time.perf_counter()
-        progress("validate: parity against PyTorch")
-        runner = open_runner(staging, spec, verify_files=False)  # written by this run, moments ago
-        parity_result = parity.evaluate(loaded, runner, recipe, greedy_tokens=req.greedy_tokens, progress=progress)
-        del runner
-        timings["parity_s"] = time.perf_counter() - t0
-        if not parity_result["passed"] and req.gate:
-            raise ParityGateFailed(
-                f"parity gate failed for {fmt.name} / {recipe}:\n" + _parity_table(parity_result),
-                hint="nothing was written; pass --no-gate to keep the artifact anyway",
-            )
-
-        latency_result = None
-        if req.measure:
-            t0 = time.perf_counter()
-            progress(f"measure: latency on this machine ({req.repeats} repeats, {req.decode_tokens} decode tokens)")
-            latency_result = latency.measure_on_host(staging, req.decode_tokens, req.repeats, threads=req.threads,
-                                                     verify_files=False)
-            timings["measure_s"] = time.perf_counter() - t0
-
-        device_result = None
-        if req.device_runner:
-            t0 = time.perf_counter()
-            progress(f"measure: on the attached {target.name} device with {req.device_runner}")
-            device_result = target.on_device(staging, req.device_runner, req.device_serial, req.out.name,
-                                             **req.extra.get("device_options", {}))
-            timings["device_s"] = time.perf_counter() - t0
-
-        progress("bundle: manifest and reports")
-        files = [staging / f for f in artifact.files]
-        info = {
-            "target": target.name, "format": fmt.name, "recipe": recipe,
-            "model": {**loaded.identity, "kind": loaded.kind},
-            "artifact": {"files": artifact.files, "bytes": sum(f.stat().st_size for f in files), "notes": artifact.notes},
-            "tokenizer_files": tokenizer_files,
-            "parity": parity_result, "latency": latency_result, "device": device_result, "timings_s": timings,
-            "budget_failures": target.budgets.failures(latency_result["latency"]) if latency_result else [],
-        }
-        manifest = bundle.write_manifest(staging, info)
-        report.write_reports(staging, manifest)
+        ctx.staging = staging
+        stages["load"](ctx)
+        stages["export"](ctx)
+        stages["validate"](ctx)
+        gate(ctx)
+        stages["measure"](ctx)
+        manifest = write_bundle(ctx, check_budgets(ctx))
         bundle.publish(staging, req.out)
     return manifest
+
+
+def gate(ctx: Context) -> None:
+    """The parity gate: a failed validation publishes nothing unless ``--no-gate``."""
+    if not ctx.parity["passed"] and ctx.req.gate:
+        raise ParityGateFailed(
+            f"parity gate failed for {ctx.plan.format} / {ctx.plan.recipe}:\n" + _parity_table(ctx.parity),
+            hint="nothing was written; pass --no-gate to keep the artifact anyway",
+        )
+
+
+def check_budgets(ctx: Context) -> list[str]:
+    """The budget misses to record; a memory miss is raised instead (``BudgetExceeded``, nothing written).
+
+    Flash and RAM are properties of the artifact, so a miss means it cannot run on the part; latency
+    is measured on this machine, and the budgets apply on the device, so a miss there is only noted.
+    """
+    budgets = ctx.plan.budgets
+    memory = budgets.failures(ctx.memory)
+    if memory:
+        where = f"board {ctx.plan.board}" if ctx.plan.board else f"target {ctx.plan.target.name}"
+        raise BudgetExceeded(f"the model does not fit {where}: " + "; ".join(memory),
+                             hint="nothing was written; choose a bigger board profile (--board) or a smaller model")
+    return budgets.failures(ctx.latency["latency"]) if ctx.latency else []
+
+
+def write_bundle(ctx: Context, budget_failures: list[str]) -> dict:
+    """The bundle stage: manifest.json and the reports in the staging folder; returns the manifest."""
+    ctx.progress("bundle: manifest and reports")
+    plan, art = ctx.plan, ctx.artifact
+    size = ctx.artifact_bytes
+    if size is None:
+        size = sum((ctx.staging / f).stat().st_size for f in art.files)
+    info = {"target": plan.target.name, "format": plan.format, "recipe": plan.recipe}
+    if plan.board:
+        info |= {"board": plan.board,
+                 "budget": {k: v for k, v in dataclasses.asdict(plan.budgets).items() if v is not None}}
+    info |= {"model": ctx.sections.pop("model"),
+             "artifact": {"files": art.files, "bytes": size, "notes": art.notes},
+             **ctx.sections,
+             "parity": ctx.parity, "latency": ctx.latency, "timings_s": ctx.timings,
+             "budget_failures": budget_failures}
+    manifest = bundle.write_manifest(ctx.staging, info)
+    report.write_reports(ctx.staging, manifest)
+    return manifest
+
+
+# The stages of a language model from --model (every target without its own ``Target.stages``).
+
+def lm_check(ctx: Context) -> None:
+    """Refuse ``--runner`` the device cannot take, and read the calibration text, before any export."""
+    req, plan = ctx.req, ctx.plan
+    if req.device_runner:
+        _precheck_device(plan.target, plan.format, req)
+    calibrated = get_recipe(plan.recipe).calibrated
+    ctx.scratch["calibration"] = calibration_texts(req.calibration, ctx.progress) if calibrated else []
+
+
+def lm_load(ctx: Context) -> None:
+    """Load the model (HF folder, GGUF, embedded name) and refuse a kind / family the format cannot do."""
+    req = ctx.req
+    with ctx.timed("load_s"):
+        ctx.progress(f"load: {req.model or 'embedded default smollm2-135m-instruct'}")
+        loaded = load_model(req.model, cache_dir=req.cache_dir, trust_pickle=req.trust_pickle)
+        get_format(ctx.plan.format).check(loaded.kind, ctx.plan.recipe, loaded.family)
+    ctx.model = loaded
+    ctx.sections["model"] = {**loaded.identity, "kind": loaded.kind}
+
+
+def lm_export(ctx: Context) -> None:
+    """Build the artifact with the format (quantizing per the recipe), then runtime.json, the parity
+    reference, the tokenizer files and the target's extras beside it."""
+    loaded, staging = ctx.model, ctx.staging
+    with ctx.timed("export_s"):
+        max_context, context_note = fit_context(loaded, ctx.req.max_context)
+        if context_note:
+            ctx.progress(context_note)
+        options = ExportOptions(max_context=max_context, group_size=ctx.req.group_size,
+                                prefill_lengths=ctx.req.prefill_lengths,
+                                calibration_texts=ctx.scratch["calibration"], progress=ctx.progress)
+        artifact = get_format(ctx.plan.format).build(loaded, ctx.plan.recipe, options, staging)
+    if context_note:
+        artifact.notes.append(context_note)
+    spec = dict(artifact.spec)
+    spec["latency_prompt_ids"] = loaded.tokenizer(" ".join(eval_text().split()),
+                                                  add_special_tokens=False)["input_ids"][:LATENCY_PROMPT_TOKENS]
+    (staging / RUNTIME_SPEC).write_text(json.dumps(spec, indent=2))
+    parity.write_reference(loaded, staging / parity.REFERENCE_FILE, spec.get("eos_token_ids", []))
+    ctx.sections["tokenizer_files"] = bundle.copy_tokenizer_files(loaded.folder, staging)
+    if ctx.plan.target.bundle_extras:
+        ctx.plan.target.bundle_extras(loaded, staging, spec)
+    ctx.artifact, ctx.scratch["spec"] = artifact, spec
+
+
+def lm_validate(ctx: Context) -> None:
+    """Parity of the artifact, run by the bundle's own runner, against the PyTorch model."""
+    with ctx.timed("parity_s"):
+        ctx.progress("validate: parity against PyTorch")
+        runner = open_runner(ctx.staging, ctx.scratch["spec"], verify_files=False)  # written by this run, moments ago
+        ctx.parity = parity.evaluate(ctx.model, runner, ctx.plan.recipe, greedy_tokens=ctx.req.greedy_tokens,
+                                     progress=ctx.progress)
+        del runner
+
+
+def lm_measure(ctx: Context) -> None:
+    """Latency on this machine (unless ``--no-latency``), and on the attached device with ``--runner``."""
+    req, target = ctx.req, ctx.plan.target
+    if req.measure:
+        with ctx.timed("measure_s"):
+            ctx.progress(f"measure: latency on this machine ({req.repeats} repeats, {req.decode_tokens} decode tokens)")
+            ctx.latency = latency.measure_on_host(ctx.staging, req.decode_tokens, req.repeats, threads=req.threads,
+                                                  verify_files=False)
+    device_result = None
+    if req.device_runner:
+        with ctx.timed("device_s"):
+            ctx.progress(f"measure: on the attached {target.name} device with {req.device_runner}")
+            device_result = target.on_device(ctx.staging, req.device_runner, req.device_serial, req.out.name,
+                                             **req.extra.get("device_options", {}))
+    ctx.sections["device"] = device_result
 
 
 def fit_context(loaded, requested: int | None) -> tuple[int, str | None]:

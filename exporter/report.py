@@ -67,17 +67,21 @@ def artifact_size(manifest: dict) -> str:
 def markdown(manifest: dict) -> str:
     """The bundle's report.md."""
     m = manifest
-    lines = [f"# {m['model'].get('embedded') or m['model'].get('source')} -> {m['format']} / {m['recipe']} "
-             f"for {m['target']}", ""]
-    lines += [f"- artifact: `{m['artifact']['files'][0]}` ({artifact_size(m)})",
-              f"- model: {m['model'].get('model_type')} with {m['model'].get('num_parameters', 0) / 1e6:.1f} M parameters",
-              f"- created {m['created']} by slm-export {m['versions'].get('slm-export', '?')}", ""]
+    if "distillation" in m:  # the mcu's distilled classifier: student figures instead of a model's
+        lines = intent_lines(m)
+    else:
+        lines = [f"# {m['model'].get('embedded') or m['model'].get('source')} -> {m['format']} / {m['recipe']} "
+                 f"for {m['target']}", ""]
+        lines += [f"- artifact: `{m['artifact']['files'][0]}` ({artifact_size(m)})",
+                  f"- model: {m['model'].get('model_type')} with {m['model'].get('num_parameters', 0) / 1e6:.1f} M parameters",
+                  f"- created {m['created']} by slm-export {m['versions'].get('slm-export', '?')}", ""]
     for note in m["artifact"].get("notes", []):
         lines.append(f"- note: {note}")
     parity = m.get("parity")
     if parity:
         verdict = "PASSED" if parity["passed"] else "FAILED: " + "; ".join(parity["failures"])
-        lines += ["", f"## Parity against PyTorch fp32 ({verdict})", "", "| metric | value | threshold |", "|---|---|---|"]
+        reference = "the float32 student" if "distillation" in m else "PyTorch fp32"
+        lines += ["", f"## Parity against {reference} ({verdict})", "", "| metric | value | threshold |", "|---|---|---|"]
         lines += [f"| {a} | {b} | {c} |" for a, b, c in parity_rows(parity)]
         met = parity["metrics"]
         if "greedy_reference_text" in met:
@@ -99,10 +103,58 @@ def markdown(manifest: dict) -> str:
         lines += ["", f"## Latency on the device ({dev.get('model') or dev.get('serial', '?')}, "
                   f"{device.get('runtime', 'on-device runner')})", "", "| figure | value |", "|---|---|"]
         lines += [f"| {a} | {b} |" for a, b in latency_rows(device["latency"])]
+    if "flash" in m:
+        lines += memory_lines(m)
     budgets = m.get("budget_failures")
     if budgets:
         lines += ["", "Target budgets missed on this machine (budgets apply on the device): " + "; ".join(budgets)]
     return "\n".join(lines) + "\n"
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def accuracy_rows(manifest: dict) -> list[tuple[str, str]]:
+    """(model, held-out accuracy) rows of a distilled classifier: teacher, float student, int8 artifact."""
+    p = manifest["parity"]["metrics"]
+    return [("teacher (all-MiniLM-L6-v2, nearest intent prototype)", _pct(p["accuracy_teacher"])),
+            ("student float32 (PyTorch)", _pct(p["accuracy_float"])),
+            ("student int8-full (TFLite Micro)", _pct(p["accuracy_int8"]))]
+
+
+def memory_rows(manifest: dict) -> list[tuple[str, str, str]]:
+    """(figure, bytes, budget) rows of what a microcontroller bundle needs of the board."""
+    fl, ar, b = manifest["flash"], manifest["arena"], manifest.get("budget", {})
+    return [("flash: model.tflite", str(fl["model_bytes"]), ""),
+            ("flash: vocabulary + embedding + labels", str(fl["tables_bytes"]), ""),
+            ("flash: total", str(fl["total_bytes"]), str(b.get("flash_bytes_max", ""))),
+            (f"RAM: TFLite Micro tensor arena (head {ar.get('head')}, tail {ar.get('tail')})", str(ar["total"]),
+             str(b.get("ram_bytes_max", "")))]
+
+
+def intent_lines(m: dict) -> list[str]:
+    """The head of a distilled classifier's report.md: title, student and split, held-out accuracy."""
+    dist = m["distillation"]
+    lines = [f"# Intent classifier -> {m['format']} / {m['recipe']} for {m['target']} ({m.get('board')})", "",
+             f"- created {m['created']}; student {dist['parameters']} parameters, {dist['intents']} intents, "
+             f"trained on {dist['train_examples']} commands (teacher {m['model']['teacher']})",
+             f"- held-out split: {dist['test_examples']} commands from templates the student never saw",
+             "", "## Held-out accuracy", "", "| model | accuracy |", "|---|---|"]
+    return lines + [f"| {a} | {b} |" for a, b in accuracy_rows(m)] + [""]
+
+
+def memory_lines(m: dict) -> list[str]:
+    """The memory and files sections of a microcontroller bundle's report.md."""
+    lines = ["", "## Memory (budget of the board profile)", "", "| figure | bytes | budget |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in memory_rows(m)]
+    verified = "succeeded" if m["arena"].get("verified") else "FAILED (add a margin)"
+    return lines + [
+        "", f"The arena figure is TFLite Micro's RecordingMicroAllocator total; a run with exactly that arena {verified}.",
+        "", "## Files", "",
+        "- `model_data.h` / `model_data.cc`: the model as `g_model_data` (16-byte aligned) for `tflite::GetModel`",
+        "- `intent_vocab.h` / `intent_vocab.cc`: tokenizer tables and labels (the tokenization rule is in the header)",
+        "- `model.tflite`, `labels.txt`, `vocab.txt`, `intent_model.json`"]
 
 
 def latency_plot(samples_ms: list[float], title: str, per: str = "per-token decode") -> str | None:
@@ -128,6 +180,12 @@ def html_report(manifest: dict, markdown_text: str) -> str:
         parts.append(f"<h2>Parity <span class={cls}>{word}</span></h2><table><tr><th>metric<th>value<th>threshold")
         parts += [f"<tr><td>{esc(a)}<td>{esc(b)}<td>{esc(c)}" for a, b, c in parity_rows(parity)]
         parts.append("</table>")
+    if "flash" in manifest:  # a microcontroller bundle: held-out accuracy and what it needs of the board
+        parts.append("<h2>Held-out accuracy</h2><table><tr><th>model<th>accuracy")
+        parts += [f"<tr><td>{esc(a)}<td>{esc(b)}" for a, b in accuracy_rows(manifest)]
+        parts.append("</table><h2>Memory</h2><table><tr><th>figure<th>bytes<th>budget")
+        parts += [f"<tr><td>{esc(a)}<td>{esc(b)}<td>{esc(c)}" for a, b, c in memory_rows(manifest)]
+        parts.append("</table>")
     latency = manifest.get("latency")
     if latency:
         lat = latency["latency"]
@@ -145,7 +203,7 @@ def html_report(manifest: dict, markdown_text: str) -> str:
 
 
 def write_reports(staging: Path, manifest: dict) -> None:
-    """Write the bundle's report.md and report.html into ``staging``."""
+    """report.md and report.html of ``manifest`` into the bundle folder ``staging``."""
     md = markdown(manifest)
     (staging / "report.md").write_text(md)
     (staging / "report.html").write_text(html_report(manifest, md))

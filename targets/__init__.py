@@ -1,15 +1,17 @@
 """Deployment targets: each file in this package describes one kind of device and registers itself.
 
 A target is data: which formats it can run, the default format and recipe for each, the latency /
-memory budgets for the default model on that board, and which transport reaches it. Adding a target
-is adding one file that calls ``register(Target(...))``.
+memory budgets for the default model on that board (or per board profile), and which transport
+reaches it. Adding a target is adding one file that calls ``register(Target(...))``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
+from exporter.errors import SlmExportError
 from exporter.registry import Registry
 
 
@@ -23,17 +25,22 @@ class Budgets:
     flash_bytes_max: int | None = None
     ram_bytes_max: int | None = None
 
-    def failures(self, latency: dict) -> list[str]:
-        """Reasons the measured ``latency`` figures miss this budget (empty when within it).
+    def failures(self, figures: dict) -> list[str]:
+        """Reasons the measured ``figures`` miss this budget (empty when within it).
 
-        A figure the run did not measure is not checked: an encoder has no decode speed or TTFT.
+        ``figures`` holds latency figures (``decode_tok_s``, ``ttft_ms``, ``peak_rss_mb``) and/or the
+        memory an artifact needs (``flash_bytes``: what is stored on the part; ``arena_bytes``: the RAM
+        TFLite Micro's tensor arena takes). A figure the run did not measure is not checked: an encoder
+        has no decode speed or TTFT, a phone model no arena.
         """
         out = []
         checks = (("decode_tok_s", self.decode_tok_s_min, "decode {:.1f} tok/s < {:g}", lambda v, b: v < b),
                   ("ttft_ms", self.ttft_ms_max, "TTFT {:.0f} ms > {:g}", lambda v, b: v > b),
-                  ("peak_rss_mb", self.peak_rss_mb_max, "peak RSS {:.0f} MB > {:g}", lambda v, b: v > b))
+                  ("peak_rss_mb", self.peak_rss_mb_max, "peak RSS {:.0f} MB > {:g}", lambda v, b: v > b),
+                  ("flash_bytes", self.flash_bytes_max, "flash {} bytes > budget {} bytes", lambda v, b: v > b),
+                  ("arena_bytes", self.ram_bytes_max, "tensor arena {} bytes > budget {} bytes", lambda v, b: v > b))
         for key, bound, text, misses in checks:
-            value = latency.get(key)
+            value = figures.get(key)
             if bound is not None and isinstance(value, (int, float)) and misses(value, bound):
                 out.append(text.format(value, bound))
         return out
@@ -80,9 +87,15 @@ class Target:
     # Optional hook (loaded, staging_dir, runtime_spec) -> None that adds files an app on this
     # target expects beside the artifact (e.g. the ExecuTorch Android demo app's JSON).
     bundle_extras: Callable | None = None
-    # Optional hook (ExportRequest, progress) -> manifest for targets whose flow differs from
-    # load -> export -> ... (the microcontroller target distils its own small model first).
-    custom_pipeline: Callable | None = None
+    # Recipes the target builds per format when fewer than the format's own (mcu: tflite int8-full only).
+    recipes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Board profiles (name -> {"example": text, "budgets": Budgets}) for a target whose budget depends on
+    # the part; the request picks one with extra["board"] (default ``default_board``).
+    boards: dict[str, dict] = field(default_factory=dict)
+    default_board: str | None = None
+    # Module of the pipeline's stage hooks for a target whose model does not come from --model (the mcu
+    # distils its own classifier), named rather than imported so listing targets does not import torch.
+    stages: str | None = None
     # Optional hooks for `--runner`: on_device_precheck(runner, serial, format) fails fast (before the slow
     # export) when the device or runner is missing; on_device(bundle_dir, runner, serial, name,
     # **options) -> dict runs the staged bundle on the attached device and returns its figures.
@@ -97,6 +110,18 @@ class Target:
 
     def default_recipe(self, fmt: str) -> str:
         return self.default_recipes.get(fmt, "fp32")
+
+    def board_budgets(self, extra: dict) -> tuple[str | None, Budgets]:
+        """(board profile, its budgets) for a request's ``extra``: ``board`` picks the profile, and a
+        ``Budgets`` field in ``extra`` (e.g. ``ram_bytes_max``) overrides the profile's. A target
+        without profiles has no board and its own budgets."""
+        if not self.boards:
+            return None, self.budgets
+        board = extra.get("board") or self.default_board
+        if board not in self.boards:
+            raise SlmExportError(f"unknown board profile {board!r}", hint=f"known: {', '.join(self.boards)}")
+        overrides = {f.name: extra[f.name] for f in dataclasses.fields(Budgets) if f.name in extra}
+        return board, dataclasses.replace(self.boards[board]["budgets"], **overrides)
 
 
 TARGETS: Registry[Target] = Registry("target", __name__)

@@ -1,9 +1,9 @@
 """Microcontrollers: a distilled intent classifier (not an LLM) as an all-integer int8 TFLite Micro model.
 
-The flow differs from the other targets (it trains its own small student first), so the target brings
-its own pipeline (``exporter.mcu.pipeline.run``). Budgets are per board profile: the model's flash
-(flatbuffer + tokenizer tables) and its TFLite Micro tensor arena must fit the board; the run fails
-otherwise. Choose a profile with ``ExportRequest.extra["board"]`` (default ``DEFAULT_BOARD``).
+The model does not come from ``--model``: the pipeline's stages for this target (``exporter.mcu.stages``)
+distil a small student first, then convert, check and measure it. Budgets are per board profile: the
+model's flash (flatbuffer + tokenizer tables) and its TFLite Micro tensor arena must fit the board; the
+run fails otherwise. Choose a profile with ``ExportRequest.extra["board"]`` (default ``DEFAULT_BOARD``).
 """
 
 from targets import Budgets, Target, register
@@ -27,13 +27,6 @@ BOARDS: dict[str, dict] = {
 DEFAULT_BOARD = "cortex-m4"
 
 
-def _run(req, progress):
-    # Imported on use: listing targets (the CLI's --help) must not import torch.
-    from exporter.mcu.pipeline import run
-
-    return run(req, progress)
-
-
 register(Target(
     name="mcu",
     description="microcontrollers (TFLite Micro): a distilled command-intent classifier, int8-full, as C arrays",
@@ -41,5 +34,8 @@ register(Target(
     default_recipes={"tflite": "int8-full"},
     transport="local",
     budgets=BOARDS[DEFAULT_BOARD]["budgets"],
-    custom_pipeline=_run,
+    recipes={"tflite": ("int8-full",)},
+    boards=BOARDS,
+    default_board=DEFAULT_BOARD,
+    stages="exporter.mcu.stages",
 ))

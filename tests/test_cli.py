@@ -114,6 +114,19 @@ def test_format_the_target_cannot_run(tmp_path):
     assert result.exit_code == 1 and "does not run format 'pte'" in result.output
 
 
+def test_target_is_resolved_once(tmp_path, monkeypatch):
+    """The CLI resolves the plan and hands it to run(), which follows it instead of resolving again."""
+    from exporter import pipeline
+
+    calls = []
+    real = pipeline.resolve
+    monkeypatch.setattr(pipeline, "resolve", lambda req: calls.append(req) or real(req))
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop here")))
+    result = CliRunner().invoke(cli, ["--target", "host", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "stop here" in result.output
+    assert len(calls) == 1
+
+
 def test_missing_model_path(tmp_path):
     proc = run_cli("--target", "host", "--model", tmp_path / "nope", "--out", tmp_path / "o")
     assert proc.returncode == 1

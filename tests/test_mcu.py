@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exporter.errors import SlmExportError, UnsupportedRecipeError
+from exporter.errors import BudgetExceeded, SlmExportError, UnsupportedRecipeError
 from exporter.mcu import data, distill, tflm
-from exporter.mcu.pipeline import BudgetExceeded
 from exporter.pipeline import ExportRequest, run
 
 # A handful of intents (OVOS weather / volume / time + drone) so the run takes seconds, not minutes.
@@ -81,6 +80,20 @@ def test_bundle_is_int8_full_and_parity_is_measured_in_tflm(bundle_dir):
     assert p["metrics"]["top1_agreement"] >= 0.8
     assert (bundle_dir / "labels.txt").read_text().split() == INTENTS
     assert m["flash"]["model_bytes"] == len(model)
+    assert m["artifact"]["bytes"] == len(model) and m["budget_failures"] == []
+    assert (m["board"], m["budget"]) == ("cortex-m4", {"flash_bytes_max": 1 << 20, "ram_bytes_max": 256 << 10})
+
+
+def test_report_renders_the_mcu_figures(bundle_dir):
+    """report.md / report.html come from exporter.report like every bundle's, with the mcu's figures."""
+    m, md = _manifest(bundle_dir), (bundle_dir / "report.md").read_text()
+    assert md.startswith("# Intent classifier -> tflite / int8-full for mcu (cortex-m4)")
+    for text in ("## Held-out accuracy", "student int8-full (TFLite Micro)", "## Parity against the float32 student",
+                 "top-1 agreement", f"| flash: total | {m['flash']['total_bytes']} | {1 << 20} |",
+                 f"| {m['arena']['total']} | {256 << 10} |", "a run with exactly that arena succeeded", "## Files"):
+        assert text in md, text
+    html = (bundle_dir / "report.html").read_text()
+    assert "<h2>Memory</h2>" in html and f"<td>{m['flash']['total_bytes']}<td>{1 << 20}" in html
 
 
 def test_c_array_compiles_to_the_tflite_bytes(bundle_dir, tmp_path):
@@ -157,17 +170,16 @@ def test_arena_is_measured_and_sufficient(bundle_dir):
 
 def test_tiny_budget_fails_clearly_and_writes_nothing(bundle_dir, cache_dir, tmp_path):
     from exporter.cli import _run_guarded
-    from exporter.mcu.pipeline import run as mcu_run
 
     out = tmp_path / "over"
     req = ExportRequest(target="mcu", out=out, cache_dir=cache_dir,
                         extra={"student": STUDENT, "ram_bytes_max": 1024, "flash_bytes_max": 4096})
     with pytest.raises(BudgetExceeded, match=r"tensor arena \d+ bytes > budget 1024 bytes") as e:
-        mcu_run(req)
+        run(req)
     assert "flash" in str(e.value) and not out.exists()
     assert not list(tmp_path.glob(".over.partial-*"))
     with pytest.raises(SystemExit) as exit_info:  # the CLI's error path: one message, non-zero exit
-        _run_guarded(lambda: mcu_run(req), debug=False)
+        _run_guarded(lambda: run(req), debug=False)
     assert exit_info.value.code == BudgetExceeded.exit_code != 0
 
 
@@ -178,3 +190,36 @@ def test_requests_the_target_cannot_honour(tmp_path):
         run(ExportRequest(target="mcu", out=tmp_path / "b", recipe="fp32"))
     with pytest.raises(SlmExportError, match="unknown board"):
         run(ExportRequest(target="mcu", out=tmp_path / "c", extra={"board": "z80"}))
+
+
+def test_budgets_check_flash_and_ram_of_the_chosen_board():
+    from exporter.pipeline import resolve
+    from targets import Budgets
+
+    b = Budgets(flash_bytes_max=4096, ram_bytes_max=1024)
+    assert b.failures({"flash_bytes": 4096, "arena_bytes": 1024}) == []
+    assert b.failures({"flash_bytes": 5000, "arena_bytes": 2000}) == [
+        "flash 5000 bytes > budget 4096 bytes", "tensor arena 2000 bytes > budget 1024 bytes"]
+    assert b.failures({"decode_tok_s": 1.0}) == []  # a figure without a budget is not checked
+    plan = resolve(ExportRequest(target="mcu", out=Path("o"), extra={"board": "cortex-m7", "ram_bytes_max": 99}))
+    assert (plan.format, plan.recipe, plan.board) == ("tflite", "int8-full", "cortex-m7")
+    assert (plan.budgets.flash_bytes_max, plan.budgets.ram_bytes_max) == (2 << 20, 99)
+    assert resolve(ExportRequest(target="host", out=Path("o"), extra={"board": "z80"})).board is None
+
+
+def test_no_import_cycle_and_listing_targets_imports_no_torch():
+    """targets/ names the mcu stages without importing them; exporter/mcu never imports targets."""
+    import ast
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    for path in (root / "exporter" / "mcu").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n == "targets" or n.startswith("targets.") for n in names), path.name
+    code = ("import sys, exporter.cli; from targets import TARGETS; TARGETS.names(); "
+            "bad = [m for m in ('torch', 'exporter.mcu.stages') if m in sys.modules]; assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                          env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
