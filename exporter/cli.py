@@ -64,10 +64,12 @@ def cli():
 @click.option("--runner", "device_runner", default=None, help="android: also run the bundle on the attached phone with this ExecuTorch runner binary (llama_main).")
 @click.option("--serial", "device_serial", default=None, help="android: adb serial of the phone for --runner (default: the only one attached).")
 @click.option("--board", default=None, help="mcu: board profile whose flash/RAM budget applies (see targets/mcu.py).")
+@click.option("--cross-check", is_flag=True, help="Compare a GGUF's PyTorch reference with llama.cpp on the same file (builds llama.cpp once, minutes; used anyway when already built).")
+@click.option("--no-reference-check", is_flag=True, help="Skip the checks that the PyTorch reference is a working model (perplexity, llama.cpp).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def export(target, out, model, fmt, recipe, calibration, force, no_gate, no_latency, max_context, group_size,
            prefill_lengths, decode_tokens, repeats, threads, cache_dir, trust_pickle, device_runner, device_serial,
-           board, debug):
+           board, cross_check, no_reference_check, debug):
     """Export a model for a target, check parity, measure latency, write a bundle."""
     from .pipeline import ExportRequest
 
@@ -77,6 +79,7 @@ def export(target, out, model, fmt, recipe, calibration, force, no_gate, no_late
                         prefill_lengths=_lengths(prefill_lengths),
                         decode_tokens=decode_tokens, repeats=repeats, threads=threads,
                         device_runner=device_runner, device_serial=device_serial,
+                        reference_check="never" if no_reference_check else "always" if cross_check else "auto",
                         extra={"board": board} if board else {})
     _run_guarded(lambda: _export(req), debug)
 

@@ -1,4 +1,4 @@
-"""The export pipeline: check -> load -> export (quantize) -> validate -> measure -> bundle.
+"""The export pipeline: check -> load (and check the reference) -> export (quantize) -> validate -> measure -> bundle.
 
 ``run`` is what ``slm-export --target ...`` calls. ``resolve`` turns the request into a ``Plan`` once
 (target, format, recipe, board budgets); the CLI prints that plan and hands it to ``run``. Every target
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import bundle, latency, parity, report
+from . import bundle, latency, parity, reference, report
 from .errors import BudgetExceeded, ParityGateFailed, SlmExportError, UnsupportedRecipeError
 from .formats import ExportOptions, get_format
 from .loading import load_model
@@ -60,6 +60,9 @@ class ExportRequest:
     greedy_tokens: int = 32
     device_runner: str | None = None  # --runner: also run the bundle on an attached device
     device_serial: str | None = None
+    # The reference check (exporter/reference.py): "auto" (llama.cpp when it is built), "always" (build
+    # llama.cpp if needed), "never" (--no-reference-check: neither check).
+    reference_check: str = "auto"
     extra: dict = field(default_factory=dict)  # board, Budgets overrides, device_options, student, retrain
 
 
@@ -217,6 +220,9 @@ def lm_load(ctx: Context) -> None:
         get_format(ctx.plan.format).check(loaded.kind, ctx.plan.recipe, loaded.family)
     ctx.model = loaded
     ctx.sections["model"] = {**loaded.identity, "kind": loaded.kind}
+    if req.reference_check != "never":
+        with ctx.timed("reference_s"):
+            ctx.sections["reference"] = reference.check(loaded, ctx.progress, cross_check=req.reference_check)
 
 
 def lm_export(ctx: Context) -> None:

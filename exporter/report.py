@@ -64,6 +64,22 @@ def artifact_size(manifest: dict) -> str:
     return f"{text}, {size / fp32:.2f}x the {fp32 / 1e6:.1f} MB of fp32 weights" if fp32 else text
 
 
+def reference_line(ref: dict) -> str:
+    """One sentence on how the PyTorch reference was checked (exporter/reference.py)."""
+    if "ppl" not in ref:
+        return f"not checked ({ref.get('why', '')})"
+    text = (f"perplexity {ref['ppl']:.2f} on the English eval text"
+            + (f" (plausible below {ref['ppl_bound']:g} for its size)" if ref.get("checked") else f"; not judged: {ref.get('why')}"))
+    cc = ref.get("llama_cpp")
+    if cc and cc.get("checked"):
+        text += (f"; llama.cpp {cc['version']} on the same GGUF: top-1 agreement {cc['top1_agreement']:.3f}, "
+                 f"perplexity {cc['ppl_llama_cpp']:.2f} ({cc['ppl_rel_change']:+.1%}), tokenization "
+                 + ("identical" if cc["tokens_identical"] else "DIFFERENT"))
+    elif cc:
+        text += f"; not cross-checked with llama.cpp: {cc.get('why')}"
+    return text
+
+
 def markdown(manifest: dict) -> str:
     """The bundle's report.md."""
     m = manifest
@@ -87,6 +103,8 @@ def markdown(manifest: dict) -> str:
         if "greedy_reference_text" in met:
             lines += ["", f"Greedy {met['greedy_tokens']} tokens, PyTorch: {met['greedy_reference_text']!r}",
                       f"Greedy, artifact: {met['greedy_artifact_text']!r}"]
+    if m.get("reference"):
+        lines += ["", "Reference check: " + reference_line(m["reference"])]
     latency = m.get("latency")
     if latency:
         lat = latency["latency"]

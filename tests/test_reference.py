@@ -90,3 +90,33 @@ def test_real_smollm2_whose_weights_drifted_from_the_gguf_is_refused(smollm2):
     finally:
         with torch.no_grad():
             layer.copy_(saved)
+
+
+@pytest.mark.slow
+def test_cli_refuses_a_broken_reference_before_any_export(smollm2, tmp_path):
+    """Through the real CLI: a SmolLM2 folder whose embedding rows are scrambled exits 2 with the
+    reason, before the export, and writes nothing."""
+    import shutil
+
+    import torch
+
+    from test_cli import run_cli
+
+    folder = tmp_path / "scrambled"
+    emb = smollm2.model.get_input_embeddings().weight
+    saved = emb.detach().clone()
+    try:
+        with torch.no_grad():
+            emb.copy_(saved[torch.randperm(saved.shape[0], generator=torch.Generator().manual_seed(0))])
+        smollm2.model.save_pretrained(folder)
+    finally:
+        with torch.no_grad():
+            emb.copy_(saved)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (smollm2.folder / name).exists():
+            shutil.copy(smollm2.folder / name, folder / name)
+    out = tmp_path / "bundle"
+    proc = run_cli("--target", "host", "--format", "onnx", "--model", folder, "--out", out, "--no-latency")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "reference is implausible" in proc.stderr and "exporting" not in proc.stderr
+    assert not out.exists() and not list(tmp_path.glob(".bundle*"))
