@@ -78,7 +78,7 @@ class LoadedModel:
 
     model: object  # transformers PreTrainedModel, eval mode, float32
     tokenizer: object
-    kind: str  # "causal-lm" | "encoder"
+    kind: str  # "causal-lm" | "encoder" | "sequence-classifier" (exporter.families.model_kind)
     folder: Path  # HF folder with config.json and tokenizer files (copied into bundles)
     identity: dict = field(default_factory=dict)
     family: object = None  # exporter.families.Family: the roles of the model's modules
@@ -239,11 +239,13 @@ def _load_folder(folder: Path, trust_pickle: bool, identity: dict) -> LoadedMode
         config = AutoConfig.from_pretrained(str(folder))
     except Exception as e:
         raise ModelLoadError(f"cannot read {folder / 'config.json'}: {_condense(e)}") from None
-    from .families import family_for
+    from transformers import AutoModelForSequenceClassification
+
+    from .families import CLASSIFIER, family_for, model_kind
 
     family = family_for(config)  # an unsupported architecture is refused here, naming the closest one
-    kind = family.kind
-    cls = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
+    kind = model_kind(family, config)
+    cls = {"causal-lm": AutoModelForCausalLM, CLASSIFIER: AutoModelForSequenceClassification}.get(kind, AutoModel)
     try:
         with _quiet_load_report():
             model, info = cls.from_pretrained(

@@ -24,10 +24,15 @@ class Thresholds:
     ppl_rel_change_max: float | None = None  # |ppl_art / ppl_ref - 1|
     greedy_identical: bool = False  # greedy tokens of the artifact must equal the reference's
     encoder_cosine_min: float | None = None  # encoders: min cosine similarity of hidden states per token
+    label_agreement_min: float | None = None  # classifiers: fraction of texts whose predicted label agrees
 
     def failures(self, metrics: dict) -> list[str]:
         """Human-readable reasons ``metrics`` misses these thresholds (empty when it passes)."""
         out = []
+        if "label_agreement" in metrics:  # a classifier: its decisions (logits over a few labels)
+            if self.label_agreement_min is not None and not metrics["label_agreement"] >= self.label_agreement_min:
+                out.append(f"label_agreement {metrics['label_agreement']:.4f} < {self.label_agreement_min:g}")
+            return out
         if "cosine_min" in metrics:  # an encoder: hidden states, not logits
             if self.encoder_cosine_min is not None and not metrics["cosine_min"] >= self.encoder_cosine_min:
                 out.append(f"cosine_min {metrics['cosine_min']:.5f} < {self.encoder_cosine_min:g}")
@@ -126,11 +131,12 @@ _add(Recipe(
     "fp32", "float32 weights and activations: the exported graph as traced",
     # measured SmolLM2 ONNX: max_abs_err ~1e-4, top1 1.0, greedy identical
     Thresholds(max_abs_err=5e-2, top1_min=0.995, top5_min=0.99, ppl_rel_change_max=0.002, greedy_identical=True,
-               encoder_cosine_min=0.9999),
+               encoder_cosine_min=0.9999, label_agreement_min=1.0),
 ))
 _add(Recipe(
     "fp16", "float16 weights and compute, float32 inputs/outputs",
-    Thresholds(top1_min=0.95, top5_min=0.93, ppl_rel_change_max=0.02, encoder_cosine_min=0.999),
+    Thresholds(top1_min=0.95, top5_min=0.93, ppl_rel_change_max=0.02, encoder_cosine_min=0.999,
+               label_agreement_min=0.98),
 ))
 # Why the special rules, measured on SmolLM2-135M: the MLP down projection's input carries outlier
 # channels that one per-tensor int8 scale cannot hold (ONNX int8: top-1 0.54 instead of 0.81), and its
@@ -142,12 +148,15 @@ _HEAD_4BIT = "4-bit lm_head costs ~0.12 of top-1 agreement"
 # all-MiniLM-L6-v2 8da4w, min per-token cosine of hidden states: all 4-bit 0.904, down 8-bit 0.929,
 # down + up 8-bit 0.970, everything 8-bit 0.997 (PyTorch simulation, 3 x 128 tokens).
 _ENCODER_MLP = "an encoder's MLP at 4 bits drops min cosine to 0.93 (all-MiniLM-L6-v2)"
+# A classifier's head is a few small linears that decide the label: 4 bits there buy nothing in size.
+_HEAD = "a classifier's head decides the label and is tiny"
 
 _add(Recipe(
     "int8-dynamic", "int8 weights (per channel), activations quantized on the fly at run time",
     # measured SmolLM2: onnx top1 0.86 ppl +9.4% (before int8 embeddings; 256-token check after: 0.82, +4.4%),
     # tflite top1 0.90
-    Thresholds(top1_min=0.78, top5_min=0.75, ppl_rel_change_max=0.15, encoder_cosine_min=0.98),
+    Thresholds(top1_min=0.78, top5_min=0.75, ppl_rel_change_max=0.15, encoder_cosine_min=0.98,
+               label_agreement_min=0.95),
     plans={
         # onnxruntime's dynamic int8 scales activations per tensor: the down projections keep float inputs.
         "onnx": (Rule("down", "int8", "group", "float", _DOWN_OUTLIERS),
@@ -159,7 +168,8 @@ _add(Recipe(
 _add(Recipe(
     "int8-static", "int8 weights and activations, activation ranges calibrated on text",
     # measured SmolLM2: onnx QDQ top1 0.64 ppl +27.8% (MLP down projections float); tflite top1 0.76
-    Thresholds(top1_min=0.60, top5_min=0.60, ppl_rel_change_max=0.35, encoder_cosine_min=0.95),
+    Thresholds(top1_min=0.60, top5_min=0.60, ppl_rel_change_max=0.35, encoder_cosine_min=0.95,
+               label_agreement_min=0.9),
     calibrated=True,
     plans={
         "onnx": (Rule("down", "int8", "group", "float", _DOWN_OUTLIERS), Rule("*", "int8", "channel", "static")),
@@ -174,21 +184,25 @@ _add(Recipe(
     "int4-weight", "4-bit grouped weights (on XNNPACK: 8-bit dynamic activations + 4-bit weights)",
     # measured SmolLM2 (its weights are a dequantized Q4_1 GGUF, re-quantized): onnx top1 0.65 ppl +29%,
     # tflite top1 0.60, pte 8da4w top1 0.48 ppl +86% (fails: 4-bit lm_head, see README)
-    Thresholds(top1_min=0.55, top5_min=0.50, ppl_rel_change_max=0.50, encoder_cosine_min=0.95),
+    Thresholds(top1_min=0.55, top5_min=0.50, ppl_rel_change_max=0.50, encoder_cosine_min=0.95,
+               label_agreement_min=0.9),
     plans={
         "pte": (Rule("lm_head", "int8", "channel", "dynamic", _HEAD_4BIT),
+                Rule("head", "int8", "channel", "dynamic", _HEAD),
                 Rule("down", "int8", "channel", "dynamic", _DOWN_4BIT),
                 Rule("up", "int8", "channel", "dynamic", _ENCODER_MLP, kind="encoder"),
                 Rule("*", "int4", "group", "dynamic", "8da4w: XNNPACK's int4 kernels take int8 dynamic activations")),
         "onnx": (Rule("lm_head", "float", why=_HEAD_4BIT),
+                 Rule("head", "float", why=_HEAD),
                  Rule("*", "int4", "group", "dynamic", "MatMulNBits, accuracy_level 4 (int8 compute)")),
         "tflite": (Rule("down", "int8", "channel", "dynamic", _DOWN_4BIT),
+                   Rule("head", "int8", "channel", "dynamic", _HEAD),
                    Rule("*", "int4", "group", "dynamic", "ai-edge-quantizer blockwise int4 is a no-op weight-only")),
     },
 ))
 _add(Recipe(
     "int8-full", "all-integer int8 (int8 inputs/outputs), for microcontrollers",
-    Thresholds(top1_min=0.60, encoder_cosine_min=0.9),
+    Thresholds(top1_min=0.60, encoder_cosine_min=0.9, label_agreement_min=0.85),
     calibrated=True,
     plans={"tflite": (Rule("*", "int8", "channel", "static", "all-integer: int8 inputs, outputs and kernels"),)},
 ))

@@ -13,6 +13,11 @@ Roles are the shared vocabulary of quantization plans (``exporter.recipes``):
   q, k, v, qkv (fused), o                    attention projections
   gate, up, gate_up (fused), down            MLP projections (down: the MLP output projection)
   attn_norm, mlp_norm, q_norm, k_norm        norms
+  head                                       a classifier's head (pooler, classifier linears)
+
+An encoder family also exports its sequence-classification models (``*ForSequenceClassification``
+in config.architectures): the same layers with a ``head`` role, model kind ``sequence-classifier``
+(``model_kind``), exported to logits over the labels and gated on label agreement.
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ from typing import Callable
 
 from exporter.registry import Registry
 
-KINDS = ("causal-lm", "encoder")
+KINDS = ("causal-lm", "encoder")  # a family's kind
+CLASSIFIER = "sequence-classifier"  # the model kind of an encoder family's ...ForSequenceClassification
 # Roles a quantization plan may name, in display order.
 ROLES = ("embed", "q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "lm_head",
-         "attn_norm", "mlp_norm", "q_norm", "k_norm", "final_norm")
+         "attn_norm", "mlp_norm", "q_norm", "k_norm", "final_norm", "head")
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,22 @@ def register(family: Family) -> Family:
 def model_types() -> dict[str, Family]:
     """Every supported ``model_type`` and its family."""
     return {t: f for f in FAMILIES for t in f.model_types}
+
+
+def model_kind(family: Family, config) -> str:
+    """The kind of model to load: the family's, or ``sequence-classifier`` for an encoder family's
+    classification architecture. A decoder-based classifier is refused (its head reads the last
+    non-padding token's state, which no format exports yet)."""
+    from exporter.errors import UnsupportedRecipeError
+
+    classifier = any(a.endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or []))
+    if not classifier:
+        return family.kind
+    if family.kind != "encoder":
+        raise UnsupportedRecipeError(
+            f"{', '.join(config.architectures)}: sequence classification on a {family.name} decoder is not supported yet",
+            hint="encoder classifiers (BERT, DistilBERT, MobileBERT) are; a causal LM exports as --model with its LM head")
+    return CLASSIFIER
 
 
 def family_for(config) -> Family:

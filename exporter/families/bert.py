@@ -18,6 +18,7 @@ register(Family(
     layer_roles={"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
                  "o": "attention.output.dense", "up": "intermediate.dense", "down": "output.dense",
                  "attn_norm": "attention.output.LayerNorm", "mlp_norm": "output.LayerNorm"},
-    model_roles={"embed": r"embeddings\.word_embeddings"},
+    model_roles={"embed": r"embeddings\.word_embeddings",
+                 "head": r"(?:pooler\.dense|classifier|classifier\.dense|classifier\.out_proj)"},
     tiny_config=tiny_config, examples="all-MiniLM-L6-v2, BERT-base, RoBERTa, XLM-R, ELECTRA",
 ))

@@ -16,6 +16,6 @@ register(Family(
     layers=r"transformer\.layer\.(\d+)",
     layer_roles={"q": "attention.q_lin", "k": "attention.k_lin", "v": "attention.v_lin", "o": "attention.out_lin",
                  "up": "ffn.lin1", "down": "ffn.lin2", "attn_norm": "sa_layer_norm", "mlp_norm": "output_layer_norm"},
-    model_roles={"embed": r"embeddings\.word_embeddings"},
+    model_roles={"embed": r"embeddings\.word_embeddings", "head": r"(?:pre_classifier|classifier)"},
     tiny_config=tiny_config, examples="DistilBERT-base",
 ))

@@ -17,7 +17,7 @@ register(Family(
     layers=r"encoder\.layer\.(\d+)",
     layer_roles={"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
                  "o": "attention.output.dense", "up": "intermediate.dense", "down": "output.dense"},
-    model_roles={"embed": r"embeddings\.word_embeddings"},
+    model_roles={"embed": r"embeddings\.word_embeddings", "head": r"(?:pooler\.dense|classifier)"},
     special=("bottlenecks", "stacked FFNs", "NoNorm"),
     refused={"pte": "torch.export specialises MobileBERT's sequence length (a guard seq != 2), so no "
                     "dynamic-length program can be exported; use --format onnx or tflite"},
