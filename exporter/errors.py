@@ -43,3 +43,7 @@ class DeviceError(SlmExportError):
     """A device is unreachable, refused us, or lacks what the bundle needs."""
 
     exit_code = 4
+
+
+# The one exception condenser, shared with the device-side runtime (which imports nothing of ours).
+from exporter.runtime.messages import condense  # noqa: F401
