@@ -49,3 +49,7 @@ class BudgetExceeded(SlmExportError):
     """The model does not fit the board's flash or RAM."""
 
     exit_code = 5
+
+
+# The one exception condenser, shared with the device-side runtime (which imports nothing of ours).
+from exporter.runtime.messages import condense  # noqa: E402, F401

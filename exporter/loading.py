@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, condense
 from .runtime.files import sha256_file  # noqa: F401  (also used by callers of this module)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -164,7 +164,7 @@ def convert_gguf(gguf_path: Path, cache_root: Path, name: str | None = None) -> 
                 str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
             )
         except Exception as e:  # transformers raises many types for a bad GGUF
-            raise ModelLoadError(f"cannot read GGUF {gguf_path}: {_condense(e)}") from None
+            raise ModelLoadError(f"cannot read GGUF {gguf_path}: {condense(e, typed=False)}") from None
         # The dequantized weights are plain float32; a leftover quantization_config would make
         # transformers try to re-quantize on the next load.
         if hasattr(model.config, "quantization_config"):
@@ -201,7 +201,7 @@ def _check_weights(folder: Path, trust_pickle: bool) -> str:
                 if expected is not None and f.stat().st_size < expected:
                     raise ValueError(f"file is {f.stat().st_size} bytes, header needs {expected}")
             except Exception as e:
-                raise ModelLoadError(f"corrupt or truncated safetensors file {f}: {_condense(e)}") from None
+                raise ModelLoadError(f"corrupt or truncated safetensors file {f}: {condense(e, typed=False)}") from None
         return "safetensors"
     pickled = sorted([*folder.glob("*.bin"), *folder.glob("*.pt"), *folder.glob("*.pth")])
     if pickled:
@@ -238,7 +238,7 @@ def _load_folder(folder: Path, trust_pickle: bool, identity: dict) -> LoadedMode
     try:
         config = AutoConfig.from_pretrained(str(folder))
     except Exception as e:
-        raise ModelLoadError(f"cannot read {folder / 'config.json'}: {_condense(e)}") from None
+        raise ModelLoadError(f"cannot read {folder / 'config.json'}: {condense(e, typed=False)}") from None
     from transformers import AutoModelForSequenceClassification
 
     from .families import CLASSIFIER, family_for, model_kind
@@ -253,14 +253,14 @@ def _load_folder(folder: Path, trust_pickle: bool, identity: dict) -> LoadedMode
                 attn_implementation="sdpa", output_loading_info=True,
             )
     except Exception as e:
-        raise ModelLoadError(f"cannot load {folder}: {_condense(e)}") from None
+        raise ModelLoadError(f"cannot load {folder}: {condense(e, typed=False)}") from None
     _check_loading_info(folder, config, info)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except Exception as e:
         files = [n for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt") if (folder / n).exists()]
         raise ModelLoadError(f"cannot load the tokenizer of {folder} ({', '.join(files) or 'no tokenizer files'}): "
-                             f"{_condense(e)}", hint="a model folder needs a tokenizer.json (or the files its "
+                             f"{condense(e, typed=False)}", hint="a model folder needs a tokenizer.json (or the files its "
                              "tokenizer_config.json names)") from None
     model.eval()
     conv1d_to_linear(model)
@@ -326,9 +326,3 @@ def conv1d_to_linear(model) -> int:
                 setattr(parent, name, lin)
                 replaced += 1
     return replaced
-
-
-def _condense(e: Exception) -> str:
-    """First line of an exception message, bounded, for one-line error reports."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return text[:300]

@@ -318,5 +318,7 @@ def _parity_table(parity_result: dict) -> str:
 
 def summary_exception(e: Exception) -> SlmExportError:
     """Wrap an unexpected error for one-line display."""
-    return SlmExportError(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+    from .errors import condense
+
+    return SlmExportError(f"internal error: {condense(e, limit=500)}",
                           hint="run again with --debug for the traceback")

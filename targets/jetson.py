@@ -35,11 +35,15 @@ def _profile_len(spec: dict) -> int:
 
 
 def shape_profile(spec: dict, past: int, new: int) -> str:
-    """A TensorRT shape string ``name:dims,...`` for one call with ``past`` cached and ``new`` tokens."""
-    parts = [f"input_ids:1x{new}", f"attention_mask:1x{past + new}", f"position_ids:1x{new}"]
+    """A TensorRT shape string ``name:dims,...`` for one call with ``past`` cached and ``new`` tokens,
+    with the tensor names of the bundle's runtime.json (its contract, exporter/runtime/spec.py)."""
+    from exporter.runtime.spec import contract, roles
+
+    spec = {"format": "onnx", **spec}  # this target runs ONNX bundles only
+    names = roles(spec)
+    parts = [f"{names['tokens']}:1x{new}", f"{names['mask']}:1x{past + new}", f"{names['positions']}:1x{new}"]
     kv = f"1x{spec['num_kv_heads']}x{past}x{spec['head_dim']}"
-    for i in range(int(spec["num_layers"])):
-        parts += [f"past_key_values.{i}.key:{kv}", f"past_key_values.{i}.value:{kv}"]
+    parts += [f"{name}:{kv}" for name in contract(spec)["cache"]["inputs"]]
     return ",".join(parts)
 
 

@@ -90,11 +90,17 @@ def test_dynamic_batch(llama_bundles, tiny_loaded):
     folder = llama_bundles["fp32"][1]
     spec = json.loads((folder / RUNTIME_SPEC).read_text())
     sess = ort.InferenceSession(str(folder / "model.onnx"))
+    # runtime.json's contract names the graph's tensors, in the graph's order.
+    assert [i.name for i in sess.get_inputs()] == spec["inputs"] + spec["cache"]["inputs"]
+    assert [o.name for o in sess.get_outputs()] == spec["outputs"] + spec["cache"]["outputs"]
+    assert spec["inputs"] == ["input_ids", "attention_mask", "position_ids"] and spec["cache"]["max_context"] is None
+    assert spec["cache"]["inputs"][:2] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert spec["cache"]["outputs"][-1] == f"present.{spec['num_layers'] - 1}.value"
     ids = np.array([[10, 20, 30, 40], [50, 60, 70, 80]], np.int64)
     empty = np.zeros((2, spec["num_kv_heads"], 0, spec["head_dim"]), np.float32)
-    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.tile(np.arange(4), (2, 1))}
-    feed.update({f"past_key_values.{i}.{kv}": empty for i in range(spec["num_layers"]) for kv in ("key", "value")})
-    logits = sess.run(["logits"], feed)[0]
+    feed = dict(zip(spec["inputs"], (ids, np.ones_like(ids), np.tile(np.arange(4), (2, 1)))))
+    feed.update({name: empty for name in spec["cache"]["inputs"]})
+    logits = sess.run(spec["outputs"], feed)[0]
     for row in range(2):
         np.testing.assert_allclose(logits[row], parity.reference_logits(loaded.model, ids[row].tolist()), atol=1e-4)
 

@@ -82,13 +82,17 @@ def test_signatures_and_spec(build):
     assert art.files == ["model.tflite"] and (out / "model.tflite").stat().st_size > 0
     assert spec["format"] == "tflite" and spec["max_context"] == MAX_CONTEXT
     assert spec["signatures"] == {"prefill_8": 8, "prefill_16": 16, "decode": 1}
-    assert spec["cache_names"] == ["k_0", "v_0", "k_1", "v_1"]
+    assert spec["inputs"] == ["tokens", "input_pos"] and spec["outputs"] == ["logits"]
+    assert spec["cache"] == {"inputs": ["k_0", "v_0", "k_1", "v_1"], "outputs": ["k_0", "v_0", "k_1", "v_1"],
+                             "layout": ["batch", "kv_heads", "seq", "head_dim"], "max_context": MAX_CONTEXT}
     from ai_edge_litert.interpreter import Interpreter
 
+    # The runtime.json contract names exactly the tensors of every signature.
     sigs = Interpreter(model_path=str(out / "model.tflite")).get_signature_list()
-    assert set(sigs) == {"prefill_8", "prefill_16", "decode"}
-    assert set(sigs["decode"]["inputs"]) == {"tokens", "input_pos", "k_0", "v_0", "k_1", "v_1"}
-    assert set(sigs["prefill_16"]["outputs"]) == {"logits", "k_0", "v_0", "k_1", "v_1"}
+    assert set(sigs) == set(spec["signatures"])
+    for name in sigs:
+        assert set(sigs[name]["inputs"]) == {*spec["inputs"], *spec["cache"]["inputs"]}
+        assert set(sigs[name]["outputs"]) == {*spec["outputs"], *spec["cache"]["outputs"]}
 
 
 def test_token_by_token_decode_equals_full_forward(build, tiny_loaded):

@@ -25,6 +25,7 @@ from exporter import bundle as bundle_mod
 from exporter.errors import ModelLoadError, SlmExportError
 from exporter.runtime.base import RunnerError, open_runner
 from exporter.runtime.files import BundleFileError, sha256_file
+from exporter.runtime.spec import contract_fields
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,9 @@ def _code_bundle(clean: Path, tmp_path: Path, module: str, marker: Path) -> Path
     """A bundle that asks the .pte runner to import ``module`` as a kernel library, and ships that module."""
     evil = copy_bundle(clean, tmp_path / "bundle")
     (evil / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('the bundle ran code')\n")
-    edit_spec(evil, format="pte", custom_ops=[module])
+    layers = json.loads((evil / "runtime.json").read_text())["num_layers"]
+    # A well-formed pte runtime.json (its tensor contract too), so only the kernel rule can refuse it.
+    edit_spec(evil, format="pte", custom_ops=[module], **contract_fields("pte", "causal-lm", layers, 64))
     reseal(evil)
     return evil
 
@@ -324,6 +327,23 @@ def test_malformed_runtime_json_is_one_error_line(clean_bundle, tmp_path, conten
     assert message in one_error_line(run_main(evil))
     as_json = run_main(evil, "--json")
     assert message in json.loads(as_json.stdout.strip().splitlines()[-1])["error"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"contract": 99}, "contract version 99"),
+    ({"inputs": ["input_ids", "attention_mask"]}, "inputs names 2 tensors"),
+    ({"outputs": [{"name": "logits"}]}, "not a plain tensor name"),
+    ({"cache": {"inputs": ["past:1x1,evil"], "outputs": [], "layout": ["batch", "kv_heads", "seq", "head_dim"],
+                "max_context": None}}, "not a plain tensor name"),
+    ({"cache": None}, "needs a cache object"),
+    ({"cache": {"inputs": [], "outputs": [], "layout": ["seq"], "max_context": None}}, "cache layout"),
+])
+def test_malformed_tensor_contract_is_one_error_line(clean_bundle, tmp_path, change, message):
+    evil = copy_bundle(clean_bundle, tmp_path / "b")
+    spec = json.loads((evil / "runtime.json").read_text())
+    (evil / "runtime.json").write_text(json.dumps({**spec, **change}))
+    reseal(evil)
+    assert message in one_error_line(run_main(evil))
 
 
 def test_interrupt_during_publish_keeps_one_whole_bundle(tmp_path, monkeypatch):

@@ -2,8 +2,9 @@
 
 Inputs ``input_ids``, ``attention_mask`` (past + new), ``position_ids``, ``past_key_values.{i}.key|value``
 (batch, kv_heads, past, head_dim); outputs ``logits`` and ``present.{i}.key|value``. These are the names
-optimum and transformers.js use, so their runners and ours read the same graph. An app prefills the
-prompt with an empty past (past length 0) and then feeds one token at a time.
+optimum and transformers.js use, so their runners and ours read the same graph; they are spelt in
+``exporter/runtime/spec.py`` and written into runtime.json. An app prefills the prompt with an empty
+past (past length 0) and then feeds one token at a time.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from exporter.errors import ExportFailedError
+from exporter.errors import ExportFailedError, condense
 from exporter.formats import Artifact, ExportOptions, Format, causal_lm_spec, encoder_spec, register
+from exporter.runtime.spec import contract_fields
 
 MODEL_FILE = "model.onnx"
 FP32_FILE = "model_fp32.onnx"  # the unquantized export, kept only in the staging folder
@@ -89,11 +91,11 @@ def untied_output_layer(model):
             head.weight = emb.weight
 
 
-def export_causal_lm(loaded, path: Path) -> None:
-    """torch.onnx.export (dynamo) of the KV-cache graph with dynamic batch / seq / past dims."""
+def export_causal_lm(loaded, path: Path, spec: dict) -> None:
+    """torch.onnx.export (dynamo) of the KV-cache graph with dynamic batch / seq / past dims, its
+    tensors named as ``spec`` (the runtime.json of the build) says."""
     import torch
 
-    spec = causal_lm_spec(loaded, "onnx", path.name, "fp32")
     n_layers, kv_heads, head_dim = spec["num_layers"], spec["num_kv_heads"], spec["head_dim"]
     # Sample sizes above 1 so torch.export does not specialise a dimension to 0 or 1.
     b, s, p = 2, 3, 5
@@ -102,22 +104,22 @@ def export_causal_lm(loaded, path: Path) -> None:
     pos = torch.arange(p, p + s).expand(b, s)
     past = tuple(torch.zeros(b, kv_heads, p, head_dim) for _ in range(2 * n_layers))
     batch, seq, past_len, total = (torch.export.Dim(n) for n in ("batch", "seq", "past", "total"))
+    # Keyed by the wrapper's argument names, which are not the graph's (those are input_names).
     dynamic_shapes = {
         "input_ids": {0: batch, 1: seq},
         "attention_mask": {0: batch, 1: total},
         "position_ids": {0: batch, 1: seq},
         "past": tuple({0: batch, 2: past_len} for _ in range(2 * n_layers)),
     }
-    kv_names = [f"{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
     _export(
         KVCacheWrapper.make(loaded.model), (ids, mask, pos, *past), dynamic_shapes, path,
-        input_names=["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{n}" for n in kv_names],
-        output_names=["logits"] + [f"present.{n}" for n in kv_names],
+        input_names=spec["inputs"] + spec["cache"]["inputs"], output_names=spec["outputs"] + spec["cache"]["outputs"],
     )
 
 
-def export_encoder(loaded, path: Path) -> None:
-    """Encoder graph: input_ids, attention_mask -> last_hidden_state, dynamic batch and sequence."""
+def export_encoder(loaded, path: Path, spec: dict) -> None:
+    """Encoder graph: input_ids, attention_mask -> last_hidden_state, dynamic batch and sequence
+    (graph names from ``spec``)."""
     import torch
 
     class _Encoder(torch.nn.Module):
@@ -133,7 +135,7 @@ def export_encoder(loaded, path: Path) -> None:
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
     _export(_Encoder(loaded.model).eval(), (ids, mask),
             {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}, path,
-            input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"])
+            input_names=spec["inputs"], output_names=spec["outputs"])
 
 
 def _export(module, args, dynamic_shapes, path: Path, input_names, output_names) -> None:
@@ -147,7 +149,7 @@ def _export(module, args, dynamic_shapes, path: Path, input_names, output_names)
             )
     except Exception as e:
         raise ExportFailedError(
-            f"torch.onnx.export failed: {_first_line(e)}",
+            f"torch.onnx.export failed: {condense(e, limit=400, typed=False)}",
             hint="the architecture may use an op or control flow torch.export cannot trace; "
             "try --format pte, or a transformers version that supports exporting it",
         ) from None
@@ -155,10 +157,12 @@ def _export(module, args, dynamic_shapes, path: Path, input_names, output_names)
     program.save(str(path), external_data=size >= _TWO_GB)
 
 
-def _first_line(e: Exception) -> str:
-    lines = [ln for ln in str(e).splitlines() if ln.strip() and "Exception summary" not in ln]
-    summary = [ln for ln in lines if "Error" in ln or "error" in ln]
-    return (summary[-1] if summary else (lines[0] if lines else type(e).__name__)).strip()[:400]
+def onnx_spec(loaded, artifact: str, recipe: str) -> dict:
+    """runtime.json of an ONNX build: the shared fields and the graph's tensor names (contract)."""
+    if loaded.kind == "causal-lm":
+        spec = causal_lm_spec(loaded, "onnx", artifact, recipe)
+        return {**spec, **contract_fields("onnx", "causal-lm", spec["num_layers"])}
+    return {**encoder_spec(loaded, "onnx", artifact, recipe), **contract_fields("onnx", "encoder")}
 
 
 class OnnxFormat(Format):
@@ -173,20 +177,19 @@ class OnnxFormat(Format):
         self.check(loaded.kind, recipe, loaded.family)
         fp32_path = out_dir / (MODEL_FILE if recipe == "fp32" else FP32_FILE)
         options.progress("exporting ONNX graph (torch.onnx dynamo)")
+        spec = onnx_spec(loaded, MODEL_FILE, recipe)
         if loaded.kind == "causal-lm":
             # int8 recipes quantize lm_head too (measured cost is small); int4 keeps it float, as
             # 4-bit lm_head cost SmolLM2 a further 0.12 of top-1 agreement.
             untie = recipe in ("int8-dynamic", "int8-static")
             with untied_output_layer(loaded.model) if untie else contextlib.nullcontext():
-                export_causal_lm(loaded, fp32_path)
-            spec = causal_lm_spec(loaded, "onnx", MODEL_FILE, recipe)
+                export_causal_lm(loaded, fp32_path, spec)
         else:
-            export_encoder(loaded, fp32_path)
-            spec = encoder_spec(loaded, "onnx", MODEL_FILE, recipe)
+            export_encoder(loaded, fp32_path, spec)
         notes = []
         if recipe != "fp32":
             options.progress(f"quantizing ONNX: {recipe}")
-            notes += onnx_quant.apply(recipe, fp32_path, out_dir / MODEL_FILE, loaded, options)
+            notes += onnx_quant.apply(recipe, fp32_path, out_dir / MODEL_FILE, loaded, options, spec)
             for leftover in out_dir.glob(FP32_FILE + "*"):
                 leftover.unlink()
         files = sorted(p.name for p in out_dir.iterdir() if p.name.startswith("model"))

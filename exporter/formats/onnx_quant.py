@@ -60,9 +60,10 @@ def planned_nodes(model_path: Path, recipe: str, family) -> dict[str, list[str]]
     return groups
 
 
-def apply(recipe: str, src: Path, dst: Path, loaded, options) -> list[str]:
-    """Write ``src`` quantized with ``recipe`` to ``dst``; return notes for the report."""
-    return _RECIPES[recipe](src, dst, loaded, options) or []
+def apply(recipe: str, src: Path, dst: Path, loaded, options, spec: dict) -> list[str]:
+    """Write ``src`` quantized with ``recipe`` to ``dst``; return notes for the report. ``spec`` is the
+    build's runtime.json, whose contract names the graph's tensors (for calibration feeds)."""
+    return _RECIPES[recipe](src, dst, loaded, options, spec) or []
 
 
 def _refuse_unplanned(groups: dict, allowed: set[str], recipe: str) -> None:
@@ -72,7 +73,7 @@ def _refuse_unplanned(groups: dict, allowed: set[str], recipe: str) -> None:
                                      "quantizer does not implement", hint="see `slm-export recipes --explain`")
 
 
-def _fp16(src: Path, dst: Path, loaded, options):
+def _fp16(src: Path, dst: Path, loaded, options, spec: dict):
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -83,7 +84,7 @@ def _fp16(src: Path, dst: Path, loaded, options):
     return ["fp16 weights and compute; float32 inputs, outputs and KV cache"]
 
 
-def _int8_dynamic(src: Path, dst: Path, loaded, options):
+def _int8_dynamic(src: Path, dst: Path, loaded, options, spec: dict):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # Per-channel int8 weights for the plan's dynamic linears and int8 embedding tables (Gather);
@@ -130,12 +131,12 @@ def _weight_only(src: Path, dst: Path, bits: int, block_size: int, nodes: list[s
     quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
 
 
-def _int8_static(src: Path, dst: Path, loaded, options):
+def _int8_static(src: Path, dst: Path, loaded, options, spec: dict):
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if loaded.kind != "causal-lm":
         raise UnsupportedRecipeError("int8-static for ONNX is implemented for causal LMs only")
-    reader = _CalibrationReader(loaded, options)
+    reader = _CalibrationReader(loaded, options, spec)
     groups = planned_nodes(src, "int8-static", loaded.family)
     _refuse_unplanned(groups, {"int8/channel/static", "int8/group/float"}, "int8-static")
     static, weight_only = groups.get("int8/channel/static", []), groups.get("int8/group/float", [])
@@ -157,7 +158,7 @@ def _int8_static(src: Path, dst: Path, loaded, options):
             f"{len(weight_only)} MLP output projections: int8 weights, float activations (activation outliers)"]
 
 
-def _int4_weight(src: Path, dst: Path, loaded, options):
+def _int4_weight(src: Path, dst: Path, loaded, options, spec: dict):
     groups = planned_nodes(src, "int4-weight", loaded.family)
     _refuse_unplanned(groups, {"int4/group/dynamic"}, "int4-weight")
     nodes = groups.get("int4/group/dynamic", [])
@@ -170,10 +171,10 @@ def _int4_weight(src: Path, dst: Path, loaded, options):
 class _CalibrationReader:
     """onnxruntime CalibrationDataReader over token windows of the calibration text, empty past."""
 
-    def __init__(self, loaded, options, window: int = 64):
-        from exporter.formats import causal_lm_spec
+    def __init__(self, loaded, options, spec: dict, window: int = 64):
+        from exporter.runtime.spec import roles
 
-        spec = causal_lm_spec(loaded, "onnx", "", "")
+        names = roles(spec)
         self.window = window
         windows = calibration_windows(loaded.tokenizer, options.calibration_texts, window,
                                       options.calibration_samples)
@@ -183,10 +184,10 @@ class _CalibrationReader:
         empty = np.zeros((1, spec["num_kv_heads"], 0, spec["head_dim"]), np.float32)
         self._feeds = iter([
             {
-                "input_ids": np.asarray([w], np.int64),
-                "attention_mask": np.ones((1, len(w)), np.int64),
-                "position_ids": np.arange(len(w), dtype=np.int64)[None],
-                **{f"past_key_values.{i}.{kv}": empty for i in range(spec["num_layers"]) for kv in ("key", "value")},
+                names["tokens"]: np.asarray([w], np.int64),
+                names["mask"]: np.ones((1, len(w)), np.int64),
+                names["positions"]: np.arange(len(w), dtype=np.int64)[None],
+                **{name: empty for name in spec["cache"]["inputs"]},
             }
             for w in windows
         ])

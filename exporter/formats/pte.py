@@ -22,8 +22,9 @@ import copy
 import time
 from pathlib import Path
 
-from exporter.errors import ExportFailedError, UnsupportedRecipeError
+from exporter.errors import ExportFailedError, UnsupportedRecipeError, condense
 from exporter.formats import Artifact, ExportOptions, Format, causal_lm_spec, encoder_spec, register
+from exporter.runtime.spec import contract_fields
 from exporter.texts import calibration_windows
 
 ARTIFACT = "model.pte"
@@ -190,8 +191,8 @@ def _build_causal(loaded, recipe: str, options: ExportOptions, out_dir: Path) ->
     metadata = llm_metadata(loaded, spec, max_seq_len, max_context, custom_sdpa)
     options.progress("pte: lowering to XNNPACK")
     size, delegates = _lower_and_write(ep, recipe, metadata, out_dir / ARTIFACT)
+    spec.update(contract_fields("pte", "causal-lm", spec["num_layers"], max_context))
     spec.update({
-        "inputs": ["tokens", "input_pos"],
         "backend": "xnnpack",
         "group_size": options.group_size if recipe == "int4-weight" else None,
         "constant_methods": metadata,
@@ -292,8 +293,8 @@ def _build_encoder(loaded, recipe: str, options: ExportOptions, out_dir: Path) -
             ep = _guard(lambda: torch.export.export(gm, example, dynamic_shapes=({1: seq},), strict=False),
                         "torch.export (quantized)", recipe)
     size, delegates = _lower_and_write(ep, recipe, {"get_max_seq_len": max_len}, out_dir / ARTIFACT)
-    spec = encoder_spec(loaded, "pte", ARTIFACT, recipe, max_context=max_len, inputs=["input_ids"],
-                        backend="xnnpack", runtime_pip=EXECUTORCH_PIP)
+    spec = encoder_spec(loaded, "pte", ARTIFACT, recipe, max_context=max_len, backend="xnnpack",
+                        runtime_pip=EXECUTORCH_PIP, **contract_fields("pte", "encoder"))
     notes = [_summary(recipe, size, delegates, time.perf_counter() - t0)]
     return Artifact(format="pte", recipe=recipe, files=[ARTIFACT], spec=spec, notes=notes)
 
@@ -349,13 +350,6 @@ def _guard(fn, stage: str, recipe: str):
             f"ExecuTorch {stage} failed for recipe {recipe}: {condense(e)}",
             hint="try another --recipe (fp32 always lowers), or run with --debug for the full trace",
         ) from e
-
-
-def condense(e: BaseException, limit: int = 300) -> str:
-    """The informative line of a converter exception, bounded (tracebacks stay out of the message)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    text = lines[0] if lines else type(e).__name__
-    return f"{type(e).__name__}: {text[:limit]}"
 
 
 register(PteFormat())

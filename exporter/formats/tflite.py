@@ -12,21 +12,23 @@ The cache is a static buffer of ``max_context`` slots written at ``input_pos`` w
 slice; the attention mask is built inside the graph from ``input_pos`` (slot j is visible to a query
 at position p iff j <= p, and on sliding-window layers also j > p - window), so padded prompt tokens
 are never seen by real ones and their slots are overwritten by the next real tokens. Encoders get ``encode_<N>`` signatures of a few fixed lengths, padded
-with an attention mask. Quantization (``tflite_quant``) runs on the converted flatbuffer.
+with an attention mask. Quantization (``tflite_quant``) runs on the converted flatbuffer. Signature and
+tensor names are spelt in ``exporter/runtime/spec.py``; the wrappers take them from the build's spec.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
-from exporter.errors import ExportFailedError, SlmExportError
+from exporter.errors import ExportFailedError, SlmExportError, condense
 from exporter.formats import Artifact, ExportOptions, Format, causal_lm_spec, encoder_spec, register
+from exporter.quiet import quiet
+from exporter.runtime.spec import contract_fields, roles
 
 MODEL_FILE = "model.tflite"
-TOKENS, INPUT_POS, LOGITS = "tokens", "input_pos", "logits"
-ENCODER_SIGNATURE = "encode"
+# litert-torch's own switch for its rich progress log (the CLI reports stages through options.progress).
+_QUIET_CONVERTER = {"LITERT_TORCH_SHOW_PROGRESS": "n"}
 
 
 # ---------------------------------------------------------------- torch wrappers
@@ -78,24 +80,30 @@ def _explicit_cache_classes():
             return self.keys.shape[2]
 
     class CausalLMWithExplicitCache(torch.nn.Module):
-        """``forward(tokens, input_pos, k_0, v_0, ...) -> {logits, k_0, v_0, ...}`` over an HF causal LM."""
+        """``forward(tokens, input_pos, k_0, v_0, ...) -> {logits, k_0, v_0, ...}`` over an HF causal LM.
 
-        def __init__(self, model, num_layers: int):
+        The keyword names become the signatures' tensor names, so they are the spec's (its contract):
+        ``names`` maps the roles tokens / positions / logits to them, ``cache`` lists the cache tensors
+        layer by layer, key then value (each returned under its input's name).
+        """
+
+        def __init__(self, model, names: dict, cache: list[str]):
             super().__init__()
             self.model = model
-            self.num_layers = num_layers
+            self.names, self.cache = names, cache
 
-        def forward(self, tokens, input_pos, **cache):
-            slots = cache["k_0"].shape[2]
-            layers = [ExplicitCacheLayer(cache[f"k_{i}"], cache[f"v_{i}"], input_pos[0])
-                      for i in range(self.num_layers)]
+        def forward(self, **inputs):
+            tokens, input_pos = inputs[self.names["tokens"]], inputs[self.names["positions"]]
+            slots = inputs[self.cache[0]].shape[2]
+            pairs = list(zip(self.cache[0::2], self.cache[1::2]))
+            layers = [ExplicitCacheLayer(inputs[k], inputs[v], input_pos[0]) for k, v in pairs]
             mask = static_cache_masks(self.model.config, input_pos, slots)
             out = self.model(input_ids=tokens, position_ids=input_pos[None], attention_mask=mask,
                              past_key_values=Cache(layers=layers), use_cache=True)
-            result = {LOGITS: out.logits}
-            for i, layer in enumerate(layers):
-                result[f"k_{i}"] = layer.keys
-                result[f"v_{i}"] = layer.values
+            result = {self.names["logits"]: out.logits}
+            for (k, v), layer in zip(pairs, layers):
+                result[k] = layer.keys
+                result[v] = layer.values
             return result
 
     return CausalLMWithExplicitCache
@@ -197,19 +205,20 @@ def _folded_gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, sca
     return out, None
 
 
-def _encoder_module(model):
+def _encoder_module(model, names: dict):
     import torch
 
     class EncoderWithMask(torch.nn.Module):
-        """``forward(input_ids, attention_mask) -> {last_hidden_state}`` of a padded fixed-length input."""
+        """``forward(input_ids, attention_mask) -> {last_hidden_state}`` of a padded fixed-length input
+        (keyword names: the spec's, as ``names`` maps the roles tokens / mask / hidden to them)."""
 
         def __init__(self):
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids, attention_mask):
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask)
-            return {"last_hidden_state": out.last_hidden_state}
+        def forward(self, **inputs):
+            out = self.model(input_ids=inputs[names["tokens"]], attention_mask=inputs[names["mask"]])
+            return {names["hidden"]: out.last_hidden_state}
 
     return EncoderWithMask().eval()
 
@@ -238,44 +247,28 @@ def causal_plan(loaded, options: ExportOptions) -> tuple[int, list[int], list[st
     return max_context, lengths, notes
 
 
-@contextlib.contextmanager
-def _quiet_converter():
-    """Silence litert-torch's rich progress log (the CLI reports stages through ``options.progress``)."""
-    key = "LITERT_TORCH_SHOW_PROGRESS"
-    old = os.environ.get(key)
-    os.environ[key] = "n"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
-
-
-def convert_causal_lm(loaded, max_context: int, prefill_lengths: list[int], model=None) -> bytes:
-    """fp32 .tflite bytes with ``prefill_<N>`` and ``decode`` signatures over an explicit KV cache.
+def convert_causal_lm(loaded, spec: dict, model=None) -> bytes:
+    """fp32 .tflite bytes with the signatures of ``spec`` (``prefill_<N>``, ``decode``) over an explicit
+    KV cache of ``spec["max_context"]`` slots, tensors named as its contract says.
 
     ``model`` replaces ``loaded.model`` (a numerically equivalent copy prepared for a recipe)."""
     import torch
 
-    spec = causal_lm_spec(loaded, "tflite", MODEL_FILE, "fp32")
     model = model if model is not None else loaded.model
-    wrapper = _explicit_cache_classes()(model, spec["num_layers"]).eval()
-    cache = {}
-    for i in range(spec["num_layers"]):
-        for kv in "kv":
-            cache[f"{kv}_{i}"] = torch.zeros(1, spec["num_kv_heads"], max_context, spec["head_dim"])
+    names, cache_names = roles(spec), spec["cache"]["inputs"]
+    wrapper = _explicit_cache_classes()(model, names, cache_names).eval()
+    shape = (1, spec["num_kv_heads"], spec["max_context"], spec["head_dim"])
+    cache = {name: torch.zeros(shape) for name in cache_names}
 
     def sample(n: int) -> dict:
-        return {TOKENS: torch.zeros(1, n, dtype=torch.int32), INPUT_POS: torch.arange(n, dtype=torch.int32), **cache}
+        return {names["tokens"]: torch.zeros(1, n, dtype=torch.int32),
+                names["positions"]: torch.arange(n, dtype=torch.int32), **cache}
 
     import litert_torch
 
     converter = litert_torch.Converter()
-    for n in prefill_lengths:
-        converter.signature(f"prefill_{n}", wrapper, sample_kwargs=sample(n))
-    converter.signature("decode", wrapper, sample_kwargs=sample(1))
+    for signature, n in spec["signatures"].items():
+        converter.signature(signature, wrapper, sample_kwargs=sample(n))
     with folded_gqa_attention(model):  # the signatures are traced in convert()
         return _run_converter(converter, loaded)
 
@@ -286,16 +279,18 @@ def encoder_lengths(max_len: int) -> list[int]:
     return sorted({n for n in (32, 128) if n < max_len} | {max_len})
 
 
-def convert_encoder(loaded, lengths: list[int]) -> bytes:
-    """fp32 .tflite bytes with one ``encode_<N>`` signature per length N (inputs padded to N)."""
+def convert_encoder(loaded, spec: dict) -> bytes:
+    """fp32 .tflite bytes with the ``encode_<N>`` signatures of ``spec`` (inputs padded to N)."""
     import litert_torch
     import torch
 
-    module = _encoder_module(loaded.model)
+    names = roles(spec)
+    module = _encoder_module(loaded.model, names)
     converter = litert_torch.Converter()
-    for n in lengths:
-        sample = {"input_ids": torch.zeros(1, n, dtype=torch.int32), "attention_mask": torch.ones(1, n, dtype=torch.int32)}
-        converter.signature(f"{ENCODER_SIGNATURE}_{n}", module, sample_kwargs=sample)
+    for signature, n in spec["signatures"].items():
+        sample = {names["tokens"]: torch.zeros(1, n, dtype=torch.int32),
+                  names["mask"]: torch.ones(1, n, dtype=torch.int32)}
+        converter.signature(signature, module, sample_kwargs=sample)
     return _run_converter(converter, loaded)
 
 
@@ -303,29 +298,14 @@ def _run_converter(converter, loaded) -> bytes:
     import torch
 
     try:
-        with _quiet_converter(), torch.no_grad():
+        with quiet(env=_QUIET_CONVERTER), torch.no_grad():
             return bytes(converter.convert().model_content())
     except Exception as e:  # litert-torch raises torch.export, MLIR and converter errors of many types
         raise ExportFailedError(
-            f"litert-torch could not convert this {loaded.config.model_type} model: {condense_error(e)}",
+            f"litert-torch could not convert this {loaded.config.model_type} model: {condense(e, limit=400)}",
             hint="an op or control flow of this architecture has no LiteRT lowering; try --format onnx "
             "or --format pte, or a litert-torch release that supports it",
         ) from None
-
-
-def condense_error(e: Exception, limit: int = 400) -> str:
-    """The informative part of a converter exception in one line (MLIR errors put it on line 2)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    if not lines:
-        return type(e).__name__
-    picked = [ln for ln in lines if "error" in ln.lower() and not ln.lower().startswith("verification failed")]
-    text = picked[0] if picked else lines[0]
-    if len(lines) > 1 and text == lines[0] and text.endswith(":"):
-        text = f"{text} {lines[1]}"
-    # MLIR locations repeat long module paths; keep the message, not the location.
-    if '"): ' in text:
-        text = text.split('"): ', 1)[1]
-    return f"{type(e).__name__}: {text}"[:limit]
 
 
 # ---------------------------------------------------------------- the format
@@ -377,27 +357,21 @@ class TFLiteFormat(Format):
         model, prep_notes = tflite_quant.prepare_model(recipe, loaded, options)
         notes += prep_notes
         options.progress(f"converting to LiteRT (litert-torch): prefill {lengths} + decode, context {max_context}")
-        fp32 = convert_causal_lm(loaded, max_context, lengths, model)
-        num_layers = loaded.config.get_text_config().num_hidden_layers
-        spec = causal_lm_spec(
-            loaded, "tflite", MODEL_FILE, recipe, max_context=max_context, prefill_lengths=lengths,
-            signatures={**{f"prefill_{n}": n for n in lengths}, "decode": 1},
-            token_input=TOKENS, position_input=INPUT_POS, logits_output=LOGITS,
-            cache_names=[f"{kv}_{i}" for i in range(num_layers) for kv in "kv"], pad_token_id=0,
-        )
-        return fp32, spec, notes
+        spec = causal_lm_spec(loaded, "tflite", MODEL_FILE, recipe, max_context=max_context,
+                              prefill_lengths=lengths, pad_token_id=0)
+        spec.update(contract_fields("tflite", "causal-lm", spec["num_layers"], max_context, lengths))
+        return convert_causal_lm(loaded, spec, model), spec, notes
 
     @staticmethod
     def _convert_encoder(loaded, recipe: str, options: ExportOptions) -> tuple[bytes, dict, list[str]]:
         length = min(int(options.max_context), int(getattr(loaded.config, "max_position_embeddings", 512)))
         lengths = encoder_lengths(length)
         options.progress(f"converting to LiteRT (litert-torch): encode signatures of {lengths} tokens")
-        fp32 = convert_encoder(loaded, lengths)
         pad = loaded.tokenizer.pad_token_id
         spec = encoder_spec(loaded, "tflite", MODEL_FILE, recipe, max_context=length,
-                            signatures={f"{ENCODER_SIGNATURE}_{n}": n for n in lengths},
                             pad_token_id=int(pad) if pad is not None else 0)
-        return fp32, spec, []
+        spec.update(contract_fields("tflite", "encoder", lengths=lengths))
+        return convert_encoder(loaded, spec), spec, []
 
 
 register(TFLiteFormat())

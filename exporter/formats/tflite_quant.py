@@ -11,15 +11,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import os
 import re
 
 import numpy as np
 
-from exporter.errors import SlmExportError, UnsupportedRecipeError
+from exporter.errors import SlmExportError, UnsupportedRecipeError, condense
+from exporter.quiet import quiet
+from exporter.runtime.spec import decode_signature, roles
 
 _BLOCK_SIZES = (32, 64, 128, 256)  # the block sizes ai-edge-quantizer's QuantGranularity offers
 _DECODE_STEPS_PER_WINDOW = 4
@@ -44,7 +43,9 @@ def apply(recipe: str, fp32: bytes, spec: dict, loaded, options) -> tuple[bytes,
 
     rp, notes, calibrate = _RECIPES[recipe](spec, options, loaded)
     try:
-        with _quiet():
+        # ai-edge-quantizer prints size reports and logs a warning per weight buffer shared by several
+        # signatures (each signature quantizes the same weights identically).
+        with quiet():
             q = quantizer.Quantizer(bytearray(fp32), rp)
             result = None
             if calibrate:
@@ -54,10 +55,8 @@ def apply(recipe: str, fp32: bytes, spec: dict, loaded, options) -> tuple[bytes,
     except SlmExportError:
         raise
     except Exception as e:  # ai-edge-quantizer raises ValueError/RuntimeError on ops it cannot handle
-        from exporter.formats.tflite import condense_error
-
         raise UnsupportedRecipeError(
-            f"ai-edge-quantizer cannot apply {recipe} to this {spec.get('model_type')} model: {condense_error(e)}",
+            f"ai-edge-quantizer cannot apply {recipe} to this {spec.get('model_type')} model: {condense(e, limit=400)}",
             hint="try another recipe (int8-dynamic and fp16 quantize only weights and are the most robust)",
         ) from None
     return bytes(out), notes
@@ -328,33 +327,37 @@ def calibration_data(fp32: bytes, spec: dict, loaded, options) -> dict[str, list
         raise SlmExportError("int8-static needs calibration text; the given text has no tokens")
     interp = Interpreter(model_content=fp32)
     runners = {name: interp.get_signature_runner(name) for name in spec["signatures"]}
+    decode = decode_signature(spec["signatures"])
+    prefill = {n: name for name, n in spec["signatures"].items() if name != decode}
+    names, cache_names = roles(spec), spec["cache"]["inputs"]
     shape = (1, spec["num_kv_heads"], spec["max_context"], spec["head_dim"])
-    empty = {name: np.zeros(shape, np.float32) for name in spec["cache_names"]}
+    empty = {name: np.zeros(shape, np.float32) for name in cache_names}
     data: dict[str, list[dict]] = {name: [] for name in spec["signatures"]}
     for window in windows:
         for n in lengths:
-            data[f"prefill_{n}"].append(_feed(window[:n], 0, n, empty))
+            data[prefill[n]].append(_feed(names, window[:n], 0, n, empty))
         half = max(1, len(window) // 2)
         n = min(x for x in lengths if x >= half) if half > 1 else None
         cache = empty
         if n is not None:
-            out = runners[f"prefill_{n}"](**_feed(window[:half], 0, n, cache))
-            cache = {name: out[name] for name in spec["cache_names"]}
+            out = runners[prefill[n]](**_feed(names, window[:half], 0, n, cache))
+            cache = {name: out[name] for name in cache_names}
         for pos in range(half, min(len(window), half + _DECODE_STEPS_PER_WINDOW)):
-            feed = _feed(window[pos:pos + 1], pos, 1, cache)
-            data["decode"].append(feed)
-            out = runners["decode"](**feed)
-            cache = {name: out[name] for name in spec["cache_names"]}
+            feed = _feed(names, window[pos:pos + 1], pos, 1, cache)
+            data[decode].append(feed)
+            out = runners[decode](**feed)
+            cache = {name: out[name] for name in cache_names}
     return data
 
 
-def _feed(tokens: list[int], start: int, length: int, cache: dict) -> dict:
+def _feed(names: dict, tokens: list[int], start: int, length: int, cache: dict) -> dict:
     ids = np.zeros((1, length), np.int32)
     ids[0, :len(tokens)] = tokens
-    return {"tokens": ids, "input_pos": np.arange(start, start + length, dtype=np.int32), **cache}
+    return {names["tokens"]: ids, names["positions"]: np.arange(start, start + length, dtype=np.int32), **cache}
 
 
 def _encoder_calibration(spec, loaded, options, calibration_windows) -> dict[str, list[dict]]:
+    names = roles(spec)
     data = {}
     for name, length in spec["signatures"].items():
         windows = calibration_windows(loaded.tokenizer, options.calibration_texts, length, options.calibration_samples)
@@ -364,20 +367,6 @@ def _encoder_calibration(spec, loaded, options, calibration_windows) -> dict[str
             mask = np.zeros((1, length), np.int32)
             ids[0, :len(window)] = window
             mask[0, :len(window)] = 1
-            feeds.append({"input_ids": ids, "attention_mask": mask})
+            feeds.append({names["tokens"]: ids, names["mask"]: mask})
         data[name] = feeds
     return data
-
-
-@contextlib.contextmanager
-def _quiet():
-    """ai-edge-quantizer prints size reports and logs a warning per weight buffer shared by several
-    signatures (each signature quantizes the same weights identically); keep the CLI output clean."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        root.setLevel(level)

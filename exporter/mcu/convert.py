@@ -9,15 +9,13 @@ firmware turns words into the model's int8 input with a table lookup.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from exporter.errors import ExportFailedError
+from exporter.quiet import quiet
 
 from . import data
 
@@ -25,18 +23,6 @@ from . import data
 INT8_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "MAX_POOL_2D", "AVERAGE_POOL_2D", "RESHAPE",
             "TRANSPOSE", "SOFTMAX", "ADD", "MUL", "MEAN", "CONCATENATION", "STRIDED_SLICE", "SQUEEZE", "EXPAND_DIMS"}
 MODEL_SYMBOL = "g_model_data"
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Silence the converters' progress output (they print to stdout / stderr and log)."""
-    level = logging.root.level
-    logging.root.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        logging.root.setLevel(level)
 
 
 def float_tflite(student, seq_len: int, dim: int) -> bytes:
@@ -47,7 +33,7 @@ def float_tflite(student, seq_len: int, dim: int) -> bytes:
     from .distill import Body
 
     sample = (torch.zeros(1, seq_len, dim),)
-    with tempfile.TemporaryDirectory() as tmp, _quiet():
+    with tempfile.TemporaryDirectory() as tmp, quiet():
         path = Path(tmp) / "student_fp32.tflite"
         litert_torch.convert(Body.of(student), sample).export(str(path))
         return path.read_bytes()
@@ -63,7 +49,7 @@ def int8_full(fp32: bytes, calibration: np.ndarray) -> bytes:
     (input_name,) = io_names["inputs"]
     samples = [{input_name: calibration[i:i + 1].astype(np.float32)} for i in range(len(calibration))]
     try:
-        with _quiet():
+        with quiet():
             q = quantizer.Quantizer(bytearray(fp32), recipe.static_wi8_ai8())
             result = q.calibrate({sig_name: samples}, num_threads=1)
             out = bytes(q.quantize(result, enable_progress_bar=False, enable_progress_report=False).quantized_model)

@@ -10,6 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from .files import SPEC_MAX_BYTES, BundleFileError, bundle_path, load_manifest, read_json, verify_bundle
+from .spec import contract_problem
 
 RUNTIME_SPEC = "runtime.json"  # written by the exporter next to the artifact; read by the runners
 REFERENCE_FILE = "parity_reference.npz"  # expected outputs shipped in the bundle (exporter.parity)
@@ -113,7 +114,8 @@ def read_spec(bundle_dir: Path) -> dict:
 
 
 def check_spec(spec: dict, where: object = RUNTIME_SPEC) -> None:
-    """Refuse a runtime.json whose basic fields are missing or of the wrong type (one clear message)."""
+    """Refuse a runtime.json whose basic fields or tensor contract (``spec.py``) are missing or of the
+    wrong type (one clear message)."""
     for key in ("format", "artifact"):
         if not isinstance(spec.get(key), str) or not spec[key]:
             raise RunnerError(f"{where} has no {key!r} (a string): not a valid slm-export runtime.json")
@@ -121,6 +123,9 @@ def check_spec(spec: dict, where: object = RUNTIME_SPEC) -> None:
         raise RunnerError(f"{where} names the format {spec['format']!r}, which is not a format name")
     if spec.get("kind", "causal-lm") not in KINDS:
         raise RunnerError(f"{where}: kind {spec.get('kind')!r} is not one of {', '.join(KINDS)}")
+    problem = contract_problem(spec)
+    if problem:
+        raise RunnerError(f"{where}: {problem}")
 
 
 def verify(bundle_dir: Path) -> None:

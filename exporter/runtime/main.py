@@ -27,6 +27,7 @@ from .base import (
     open_runner,
     peak_rss_mb,
 )
+from .messages import condense
 
 
 def device_identity() -> dict:
@@ -136,8 +137,7 @@ def main(argv=None) -> int:
     except RunnerError as e:
         return _fail(str(e), args.json, 2)
     except Exception as e:  # noqa: BLE001 - a runtime's own failure: one line, not a traceback
-        return _fail(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}",
-                     args.json, 3)
+        return _fail(condense(e), args.json, 3)
     print(json.dumps(result) if args.json else format_table(result))
     return 0
 

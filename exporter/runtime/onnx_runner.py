@@ -8,6 +8,8 @@ from typing import Sequence
 import numpy as np
 
 from .base import CausalLMRunner, EncoderRunner, RunnerError, artifact_path
+from .messages import condense
+from .spec import contract, roles
 
 
 def _session(path: Path, threads: int | None):
@@ -22,7 +24,7 @@ def _session(path: Path, threads: int | None):
     try:
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types for a bad model
-        raise RunnerError(f"onnxruntime cannot load {path.name}: {str(e).strip().splitlines()[0][:300]}") from None
+        raise RunnerError(f"onnxruntime cannot load {path.name}: {condense(e, typed=False)}") from None
     return session, ort.__version__
 
 
@@ -33,28 +35,32 @@ class OnnxCausalLM(CausalLMRunner):
     def __init__(self, bundle_dir: Path, spec: dict, threads: int | None = None):
         super().__init__(bundle_dir, spec)
         self.session, self.runtime_version = _session(artifact_path(self.bundle_dir, spec), threads)
-        self.n_layers = spec["num_layers"]
-        past_input = next(i for i in self.session.get_inputs() if i.name.startswith("past_key_values"))
-        self.kv_dtype = np.float16 if "float16" in past_input.type else np.float32
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        io = contract(spec)
+        self.names = roles(spec)
+        self.past_names = list(io["cache"]["inputs"])
+        # Logits first, then the updated cache in the order of ``past_names``.
+        self.output_names = [self.names["logits"], *io["cache"]["outputs"]]
+        types = {i.name: i.type for i in self.session.get_inputs()}
+        missing = [n for n in [*io["inputs"], *self.past_names] if n not in types]
+        if missing:
+            raise RunnerError(f"{spec['artifact']} lacks the inputs {missing[:3]} that runtime.json names")
+        self.kv_dtype = np.float16 if "float16" in types[self.past_names[0]] else np.float32
         self.reset()
 
     def reset(self) -> None:
         empty = np.zeros((1, self.spec["num_kv_heads"], 0, self.spec["head_dim"]), self.kv_dtype)
-        self.past = [empty] * (2 * self.n_layers)
+        self.past = [empty] * len(self.past_names)
         self.position = 0
 
     def forward(self, token_ids: Sequence[int]) -> np.ndarray:
         n = len(token_ids)
         self._check_room(n)
         feed = {
-            "input_ids": np.asarray([token_ids], np.int64),
-            "attention_mask": np.ones((1, self.position + n), np.int64),
-            "position_ids": np.arange(self.position, self.position + n, dtype=np.int64)[None],
+            self.names["tokens"]: np.asarray([token_ids], np.int64),
+            self.names["mask"]: np.ones((1, self.position + n), np.int64),
+            self.names["positions"]: np.arange(self.position, self.position + n, dtype=np.int64)[None],
+            **dict(zip(self.past_names, self.past)),
         }
-        for i in range(self.n_layers):
-            feed[f"past_key_values.{i}.key"] = self.past[2 * i]
-            feed[f"past_key_values.{i}.value"] = self.past[2 * i + 1]
         outputs = self.session.run(self.output_names, feed)
         self.past = outputs[1:]
         self.position += n
@@ -74,10 +80,12 @@ class OnnxEncoder(EncoderRunner):
     def __init__(self, bundle_dir: Path, spec: dict, threads: int | None = None):
         super().__init__(bundle_dir, spec)
         self.session, self.runtime_version = _session(artifact_path(self.bundle_dir, spec), threads)
+        self.names = roles(spec)
 
     def encode(self, token_ids: Sequence[int]) -> np.ndarray:
         ids = np.asarray([token_ids], np.int64)
-        return self.session.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0][0]
+        feed = {self.names["tokens"]: ids, self.names["mask"]: np.ones_like(ids)}
+        return self.session.run([self.names["hidden"]], feed)[0][0]
 
 
 def open_runner(bundle_dir: Path, spec: dict, threads: int | None = None, **_):

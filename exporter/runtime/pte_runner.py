@@ -21,6 +21,8 @@ from typing import Sequence
 import numpy as np
 
 from .base import CausalLMRunner, EncoderRunner, RunnerError, artifact_path
+from .messages import condense
+from .spec import contract
 
 # The kernel libraries a program may ask for (runtime.json's ``custom_ops``), by module name. A bundle
 # is untrusted input: it may only pick from ExecuTorch's own modules, never name code of its own.
@@ -37,7 +39,7 @@ def _version() -> str:
         return "unknown"
 
 
-def _load_method(path: Path, threads: int | None):
+def _load_method(path: Path, method: str, threads: int | None):
     try:
         from executorch.runtime import Runtime
     except ImportError as e:
@@ -46,9 +48,9 @@ def _load_method(path: Path, threads: int | None):
         _set_threads(int(threads))
     try:
         program = Runtime.get().load_program(path)
-        return program, program.load_method("forward")
+        return program, program.load_method(method)
     except Exception as e:  # the pybindings raise RuntimeError/ValueError for a bad program
-        raise RunnerError(f"ExecuTorch cannot load {path.name}: {str(e).strip().splitlines()[0][:300]}") from None
+        raise RunnerError(f"ExecuTorch cannot load {path.name}: {condense(e, typed=False)}") from None
 
 
 def _set_threads(threads: int) -> None:
@@ -94,7 +96,9 @@ def _open_program(runner, threads: int | None) -> None:
     runner._torch = torch
     _load_kernel_libraries(runner.spec.get("custom_ops") or [], runner.bundle_dir)
     runner.runtime_version = _version()
-    runner._program, runner._method = _load_method(artifact_path(runner.bundle_dir, runner.spec), threads)
+    # The method takes the contract's inputs positionally (tokens, input_pos / input_ids).
+    method = contract(runner.spec)["method"]
+    runner._program, runner._method = _load_method(artifact_path(runner.bundle_dir, runner.spec), method, threads)
 
 
 class PteCausalLMRunner(CausalLMRunner):

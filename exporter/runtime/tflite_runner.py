@@ -15,6 +15,8 @@ from typing import Sequence
 import numpy as np
 
 from .base import CausalLMRunner, EncoderRunner, RunnerError, artifact_path
+from .messages import condense
+from .spec import contract, decode_signature, roles
 
 RUNTIMES = ("ai-edge-litert", "tflite-runtime")
 
@@ -88,9 +90,16 @@ class _Base:
         try:
             self.interpreter = interpreter_class(model_path=str(path), num_threads=threads)
         except (ValueError, RuntimeError) as e:
-            raise RunnerError(f"{self.runtime_name} cannot load {path.name}: {str(e).strip()[:300]}") from None
-        available = self.interpreter.get_signature_list()
-        return available
+            raise RunnerError(f"{self.runtime_name} cannot load {path.name}: {condense(e, typed=False)}") from None
+        return self.interpreter.get_signature_list()
+
+    def _signatures(self, spec: dict, available) -> dict[str, int]:
+        """{signature: tokens per call} of the contract, each checked to be in the flatbuffer."""
+        signatures = contract(spec)["signatures"]
+        missing = [name for name in signatures if name not in available]
+        if missing:
+            raise RunnerError(f"{spec['artifact']} lacks signatures {missing}; it has {sorted(available)}")
+        return {name: int(n) for name, n in signatures.items()}
 
 
 class TFLiteCausalLM(_Base, CausalLMRunner):
@@ -112,20 +121,19 @@ class TFLiteCausalLM(_Base, CausalLMRunner):
     def __init__(self, bundle_dir: Path, spec: dict, threads: int | None = None, runtime: str | None = None,
                  direct: bool = True):
         CausalLMRunner.__init__(self, bundle_dir, spec)
-        available = self._open(bundle_dir, spec, threads, runtime)
-        missing = [name for name in spec["signatures"] if name not in available]
-        if missing:
-            raise RunnerError(f"{spec['artifact']} lacks signatures {missing}; it has {sorted(available)}")
-        self.lengths = {name: int(n) for name, n in spec["signatures"].items()}
+        self.lengths = self._signatures(spec, self._open(bundle_dir, spec, threads, runtime))
+        self.decode = decode_signature(self.lengths)
+        if self.decode is None:
+            raise RunnerError(f"{spec['artifact']}: runtime.json names no one-token (decode) signature")
         self.runners = {name: self.interpreter.get_signature_runner(name) for name in self.lengths}
         self.in_details = {name: r.get_input_details() for name, r in self.runners.items()}
         self.out_details = {name: r.get_output_details() for name, r in self.runners.items()}
-        self.cache_names = list(spec["cache_names"])
-        self.tokens_name = spec.get("token_input", "tokens")
-        self.pos_name = spec.get("position_input", "input_pos")
-        self.logits_name = spec.get("logits_output", "logits")
+        # Each signature returns the updated cache under its input's name (the contract's cache inputs).
+        self.cache_names = list(contract(spec)["cache"]["inputs"])
+        names = roles(spec)
+        self.tokens_name, self.pos_name, self.logits_name = names["tokens"], names["positions"], names["logits"]
         self.pad = int(spec.get("pad_token_id", 0))
-        decode_inputs = self.in_details["decode"]
+        decode_inputs = self.in_details[self.decode]
         self.cache = {n: np.zeros(decode_inputs[n]["shape"], np.dtype(decode_inputs[n]["dtype"]))
                       for n in self.cache_names}
         if self.max_context is None:
@@ -171,7 +179,7 @@ class TFLiteCausalLM(_Base, CausalLMRunner):
                 logits = self._run_direct(name, chunk) if self.direct else self._run_plain(name, chunk)
             except (ValueError, RuntimeError) as e:
                 raise RunnerError(
-                    f"{self.runtime_name} failed running signature {name}: {str(e).strip()[:300]}") from None
+                    f"{self.runtime_name} failed running signature {name}: {condense(e, typed=False)}") from None
             if self.runtime_name == "tflite-runtime" and not logits.any():
                 # tflite-runtime 2.14 silently returns zeros for dynamic-range int8 models.
                 raise RunnerError(f"tflite-runtime {self.runtime_version} returned all-zero logits for this "
@@ -186,9 +194,9 @@ class TFLiteCausalLM(_Base, CausalLMRunner):
         largest prefill (chunked prefill), else decode. A prefill writes all of its N cache slots, so it
         is used only where N slots remain before ``max_context`` (the cache update clamps, never wraps)."""
         room = self.max_context - self.position
-        fits = sorted((n, name) for name, n in self.lengths.items() if name != "decode" and n <= room)
+        fits = sorted((n, name) for name, n in self.lengths.items() if name != self.decode and n <= room)
         if remaining == 1 or not fits:
-            return "decode"
+            return self.decode
         holding = [name for n, name in fits if n >= remaining]
         return holding[0] if holding else fits[-1][1]
 
@@ -247,22 +255,21 @@ class TFLiteCausalLM(_Base, CausalLMRunner):
 class TFLiteEncoder(_Base, EncoderRunner):
     """``encode_<N>`` signatures: ids padded to the smallest length that holds them, with an attention mask.
 
-    (Bundles written before there were several lengths have one signature named in ``spec["signature"]``.)
+    (Bundles written before there were several lengths have one signature named in ``spec["signature"]``;
+    ``spec.contract`` reads it.)
     """
 
     format = "tflite"
 
     def __init__(self, bundle_dir: Path, spec: dict, threads: int | None = None, runtime: str | None = None):
         EncoderRunner.__init__(self, bundle_dir, spec)
-        available = self._open(bundle_dir, spec, threads, runtime)
-        names = list(spec.get("signatures") or [spec.get("signature", "encode")])
-        missing = [n for n in names if n not in available]
-        if missing:
-            raise RunnerError(f"{spec['artifact']} lacks signatures {missing}; it has {sorted(available)}")
+        signatures = self._signatures(spec, self._open(bundle_dir, spec, threads, runtime))
+        self.names = roles(spec)
         self.runners = {}
-        for name in names:
+        for name in signatures:
             runner = self.interpreter.get_signature_runner(name)
-            length = int(runner.get_input_details()["input_ids"]["shape"][1])
+            # The length the flatbuffer really takes (an old bundle's spec may not say it).
+            length = int(runner.get_input_details()[self.names["tokens"]]["shape"][1])
             self.runners[length] = (runner, runner.get_output_details())
         self.length = max(self.runners)
         self.pad = int(spec.get("pad_token_id", 0))
@@ -278,8 +285,9 @@ class TFLiteEncoder(_Base, EncoderRunner):
         mask = np.zeros((1, length), np.int32)
         tokens[0, :len(ids)] = ids
         mask[0, :len(ids)] = 1
-        out = runner(input_ids=tokens, attention_mask=mask)
-        return dequantize(out["last_hidden_state"], out_details["last_hidden_state"])[0, :len(ids)]
+        out = runner(**{self.names["tokens"]: tokens, self.names["mask"]: mask})
+        hidden = self.names["hidden"]
+        return dequantize(out[hidden], out_details[hidden])[0, :len(ids)]
 
 
 def open_runner(bundle_dir: Path, spec: dict, threads: int | None = None, **opts):
