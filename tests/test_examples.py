@@ -190,6 +190,30 @@ def test_suggestions_are_whole_words_ranked_by_probability(bundle, tiny_bundle):
         assert canonical - 1e-3 <= sugs[0].logprob <= 0
 
 
+def test_suggestions_are_known_distinct_words_never_the_typed_one():
+    from examples.predictive_text.measure import junk
+    from examples.predictive_text.suggest import Lexicon, acceptable
+
+    lex = Lexicon([b" like", b" to", b" isn", b"'t", b" meeting", b" room", b" dont", b" door"], ["Is it a host?"])
+    assert "like" in lex and "Host" in lex and "isn't" in lex and "isn’t" in lex and "can't" in lex
+    assert "liketo" not in lex and "meetingroom" not in lex and "toHost" not in lex
+    assert "dont" not in lex and "wouldnt" not in lex  # apostrophe-less contractions are junk
+    assert not acceptable("'s", "", lex) and not acceptable("door", "door", lex) and acceptable("door", "do", lex)
+    assert junk(["isn't", "isn’t", "liketo", "'s"], "", lex) == ["isn’t (repeated)", "liketo (not a word)",
+                                                             "'s (starts with punctuation)"]
+
+
+def test_suggestion_slots_hold_one_form_of_each_word(bundle):
+    from examples.predictive_text.suggest import normalise
+
+    pred = Predictor(bundle, max_calls=40)
+    for text in ("", "It is a truth ", "She said th", "It is a truth universally"):
+        words = [s.word for s in pred.suggest(text)]
+        keys = [normalise(w) for w in words]
+        assert len(set(keys)) == len(keys) and all(w[0].isalnum() and w in pred.lexicon for w in words), words
+        assert normalise(split_typed(text)[1].strip()) not in keys or not split_typed(text)[1].strip()
+
+
 class Term:
     """A program on a pseudo-terminal: send keys, wait for output."""
 
@@ -249,14 +273,15 @@ def test_predictive_terminal_app_tab_accepts(tiny_bundle):
     term = Term([sys.executable, "-m", "examples.predictive_text", "--bundle", str(tiny_bundle)])
     try:
         term.expect(r"suggestions:")
-        words = type_and_read_suggestions(term, "It is a tr")
-        assert words and all(w.startswith("tr") for w in words)
-        assert text_line(term) == "It is a tr"
+        # (a prefix the random tiny model completes to known words within the call budget)
+        words = type_and_read_suggestions(term, "She said th")
+        assert words and all(w.startswith("th") for w in words)
+        assert text_line(term) == "She said th"
         after = type_and_read_suggestions(term, "\t")
-        assert text_line(term) == f"It is a {words[0]} "
+        assert text_line(term) == f"She said {words[0]} "
         assert after  # suggestions for the word after the accepted one
         type_and_read_suggestions(term, "\x7f\x7fx")  # backspace twice, type x
-        assert text_line(term) == f"It is a {words[0][:-1]}x"
+        assert text_line(term) == f"She said {words[0][:-1]}x"
         term.send("\x1b")
         assert term.close() == 0
     finally:
@@ -284,6 +309,19 @@ def test_chat_memory_stays_in_the_window(tiny_bundle):
     assert chat.dropped > 0 and chat.turns[-2]["content"].startswith("Message number 7")
 
 
+def test_chat_remembers_the_users_name(tiny_bundle):
+    from examples.assistant.chat import Chat
+
+    chat = Chat(open_bundle(tiny_bundle), max_new_tokens=4, sampling=SamplingConfig(seed=0))
+    "".join(chat.send("My name is Alice. Remember it."))
+    assert chat.user_name == "Alice" and "Alice" in chat.messages()[0]["content"]
+    assert "".join(chat.send("What is my name?")) == "Your name is Alice." and chat.last.stop_reason == "memory"
+    ids = chat.prompt_ids()  # the whole history, the recalled answer included, goes to the model
+    assert "My name is Alice" in open_bundle(tiny_bundle).decode(ids) and "Your name is Alice." in chat.bundle.decode(ids)
+    chat.reset()
+    assert chat.user_name is None and chat.recall("What is my name?") is None
+
+
 @pytest.fixture(scope="module")
 def mapper():
     from examples.assistant.commands import CommandMapper, Embedder, Vocabulary
@@ -303,16 +341,52 @@ def test_slot_rules():
         {"direction": "right", "angle_deg": 90}
     assert extract_slots("set the living room to 21", {"temperature_c": "temperature", "room": "room"}, enums) == \
         {"temperature_c": 21, "room": "living room"}
+    from examples.assistant.commands import extract
+
+    found, unused = extract("fly forward for 10 seconds", {"distance_m": "distance"}, {})
+    assert found == {} and [(q.value, q.kind, q.said) for q in unused] == [(10, "duration", "10 seconds")]
+    assert extract_slots("go up a bit", {"distance_m": "distance"}, {}) == {}  # a vague amount is no number
+
+
+def test_command_mode_never_drops_or_invents_a_value(mapper):
+    got = mapper.map("fly forward for 10 seconds then land")
+    assert got["intent"] is None and "10 seconds" in got["refused"] and "step 1 of 2" in got["refused"]
+    assert [st["intent"] for st in got["steps"]] == [None, "drone.land"]
+    got = mapper.map("move right for 2 seconds")
+    assert got["intent"] is None and "'2 seconds' (duration)" in got["refused"]
+    got = mapper.map("take off and fly up 5 meters")
+    assert got["intent"] == "sequence"
+    assert [(st["intent"], st["slots"]) for st in got["steps"]] == [("drone.takeoff", {}), ("drone.up", {"distance_m": 5})]
+    got = mapper.map("fly up")  # no distance said: none is assumed
+    assert got["intent"] is None and "needs distance_m" in got["refused"]
+    assert mapper.map("power up and take off")["intent"] == "drone.takeoff"  # one command, not two
+    rotate = mapper.map("rotate left")  # an optional slot's convention is shown as such
+    assert rotate["slots"] == {"direction": "left", "angle_deg": 90} and rotate["defaulted"] == ["angle_deg"]
+
+
+def test_command_embeddings_are_cached(mapper, tmp_path, monkeypatch):
+    from examples.assistant.commands import CommandMapper, Vocabulary, cache_dir
+
+    monkeypatch.setenv("SLM_EXPORT_CACHE", str(tmp_path))
+    lines = []
+    first = CommandMapper(Vocabulary.load(), mapper.embedder, log=lines.append)
+    assert lines and "embedding the" in lines[0] and list(cache_dir().glob("*.npy"))
+    lines.clear()
+    again = CommandMapper(Vocabulary.load(), mapper.embedder, log=lines.append)
+    assert lines == [] and np.array_equal(first.matrix, again.matrix)
 
 
 def test_command_accuracy_on_the_labelled_set(mapper):
     from examples.assistant.measure_commands import DEFAULT_SET, DEV_SET, evaluate, load_set
 
-    # floors a little under the measured figures (held-out 79.6%, dev 95.6%): a regression gate
+    # floors a little under the measured figures (held-out 87.5%, dev 96.7%): a regression gate
     test = evaluate(mapper, load_set(DEFAULT_SET))
-    assert test["commands"] >= 50 and test["to_refuse"] >= 15
-    assert test["accuracy"] >= 0.75, test["errors"]
-    assert test["refusal_recall"] >= 0.85 and test["slot_accuracy"] >= 0.9
+    assert test["commands"] >= 70 and test["to_refuse"] >= 30
+    assert test["accuracy"] >= 0.83, test["errors"]
+    assert test["refusal_recall"] >= 0.9 and test["slot_accuracy"] >= 0.9
+    kinds = test["by_kind"]  # compound commands and the refusals of issue 20, all right today
+    for k in ("compound", "compound-refusal", "refusal-unused-slot", "refusal-missing-slot"):
+        assert kinds[k]["of"] >= 2 and kinds[k]["right"] == kinds[k]["of"], (k, test["errors"])
     dev = evaluate(mapper, load_set(DEV_SET))
     assert dev["accuracy"] >= 0.9, dev["errors"]
 
@@ -346,8 +420,12 @@ def test_assistant_terminal_app(tiny_bundle):
         assert int(m.group(2)) >= 1
         mark = len(term.out)
         term.send("/cmd fly up three meters\r")
-        cmd = json.loads(term.expect(r"command> (\{.*\})", since=mark).group(1))
+        m = term.expect(r"command> (\{.*\})", since=mark)
+        cmd = json.loads(m.group(1))
         assert cmd["intent"] == "drone.up" and cmd["slots"] == {"distance_m": 3}
+        loading = term.out[mark:m.start()]  # the first /cmd says what it does, without library noise
+        assert "[command mode: loading the embedding model" in loading and "[command mode ready after" in loading
+        assert not re.search(r"Failed to load|Enum subclass|Loading weights|Warning", loading), loading
         mark = len(term.out)
         term.send("/cmd order me a pizza\r")
         cmd = json.loads(term.expect(r"command> (\{.*\})", since=mark).group(1))
@@ -364,7 +442,7 @@ def test_assistant_terminal_app(tiny_bundle):
 
 @pytest.fixture(scope="session")
 def smollm2_bundle(tmp_path_factory):
-    """The README's default bundle: SmolLM2-135M-Instruct, onnx int8-dynamic (exported once, ~2-3 min)."""
+    """The README's default bundle: SmolLM2-135M-Instruct, onnx int8-dynamic (exported once: 407 s with --no-latency on a shared 2-core VM)."""
     if os.environ.get("SLM_EXAMPLES_BUNDLE"):
         return Path(os.environ["SLM_EXAMPLES_BUNDLE"])
     out = tmp_path_factory.mktemp("smollm2") / "onnx-int8"
@@ -381,6 +459,11 @@ def test_real_smollm2_suggests_and_answers(smollm2_bundle):
         term.expect(r"suggestions:")
         assert {"coffee", "tea"} & set(type_and_read_suggestions(term, "I would like a cup of "))
         assert "door" in type_and_read_suggestions(term, "\rShe opened the do")
+        # Issue 20's junk: no glued words, one form per word, never the typed word, no "'s" on nothing.
+        seen = type_and_read_suggestions(term, "\rI would like") + type_and_read_suggestions(term, "\rWe are happy to")
+        assert not {"liketo", "tooffer", "toHost", "like"} & set(seen), seen
+        empty = type_and_read_suggestions(term, "\r")
+        assert empty and all(w[0].isalnum() for w in empty), empty
         term.send("\x1b")
         assert term.close() == 0
     finally:
@@ -392,6 +475,15 @@ def test_real_smollm2_suggests_and_answers(smollm2_bundle):
         term.send("What is the capital of France?\r")
         m = term.expect(r"(?s)assistant> (.*?)\r?\n\[\d+ tokens", timeout=180)
         assert "Paris" in m.group(1)
+        # The name told two turns earlier is answered (issue 20: it was forgotten).
+        for line in ("My name is Alice. Remember it.", "Tell me a fun fact about cats."):
+            mark = len(term.out)
+            term.send(line + "\r")
+            term.expect(r"\[\d+ tokens", timeout=180, since=mark)
+        mark = len(term.out)
+        term.send("What is my name?\r")
+        m = term.expect(r"(?s)assistant> (.*?)\r?\n\[\d+ tokens", timeout=180, since=mark)
+        assert "Alice" in m.group(1)
         term.send("/quit\r")
         assert term.close() == 0
     finally:

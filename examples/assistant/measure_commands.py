@@ -3,9 +3,11 @@
     python -m examples.assistant.measure_commands [--set FILE] [--commands FILE] [--embedder BUNDLE] [--json OUT]
 
 The set's phrasings are not the vocabulary's examples; a third of it must be refused (out of scope,
-negated, or missing a required value). Reported: overall accuracy (right intent, or refused when it
+negated, missing a required value, or saying a value the command has no slot for); items may carry a
+"kind" (compound: a sequence of "steps"; compound-refusal, refusal-unused-slot, refusal-missing-slot).
+Reported: overall accuracy (right intent, or refused when it
 should be), slot accuracy (every labelled slot value right, on correctly mapped commands), refusal
-precision/recall, and the same accuracy at other similarity thresholds to show how sensitive it is.
+precision/recall, right answers by kind, and the same accuracy at other similarity thresholds to show how sensitive it is.
 """
 
 from __future__ import annotations
@@ -29,33 +31,58 @@ def load_set(path: Path) -> list[dict]:
         raise AppError(f"cannot read the labelled set {path}: {e}") from None
 
 
+def _slots_ok(got: dict, want: dict) -> bool:
+    return all(got.get("slots", {}).get(k) == v for k, v in (want.get("slots") or {}).items())
+
+
+def _right(got: dict, want: dict) -> bool:
+    """The right intent (or refusal); for a compound command the right steps in order."""
+    if want.get("intent") != "sequence":
+        return got["intent"] == want.get("intent")
+    steps = got.get("steps") or []
+    return got["intent"] == "sequence" and [st["intent"] for st in steps] == [w["intent"] for w in want["steps"]]
+
+
+def kind(item: dict) -> str:
+    """The item's group in the report: simple, to-refuse, or the set's own "kind" (compound, ...)."""
+    return item.get("kind") or ("refusal" if item.get("intent") is None else "simple")
+
+
 def evaluate(mapper: CommandMapper, items: list[dict], threshold: float | None = None) -> dict:
-    """Accuracy figures and the mistakes."""
+    """Accuracy figures (overall and by kind) and the mistakes."""
     right = slot_total = slot_right = 0
     refused_ok = refused_all = should_refuse = 0
-    errors = []
+    errors, by_kind = [], {}
     for item in items:
         got = mapper.map(item["text"], threshold)
         want = item.get("intent")
-        ok = got["intent"] == want
+        ok = _right(got, item)
         right += ok
+        tally = by_kind.setdefault(kind(item), [0, 0])
+        tally[0] += ok
+        tally[1] += 1
         should_refuse += want is None
         refused_all += got["intent"] is None
         refused_ok += got["intent"] is None and want is None
-        if ok and want is not None and item.get("slots"):
+        wants = item["steps"] if want == "sequence" else [item]
+        if ok and want is not None and any(w.get("slots") for w in wants):
+            gots = got["steps"] if want == "sequence" else [got]
             slot_total += 1
-            good = all(got["slots"].get(k) == v for k, v in item["slots"].items())
+            good = all(_slots_ok(g, w) for g, w in zip(gots, wants))
             slot_right += good
             if not good:
-                errors.append({"text": item["text"], "want_slots": item["slots"], "got_slots": got["slots"]})
+                errors.append({"text": item["text"], "want_slots": [w.get("slots") for w in wants],
+                               "got_slots": [g["slots"] for g in gots]})
         if not ok:
             errors.append({"text": item["text"], "want": want, "got": got["intent"], "score": got["score"],
-                           "refused": got.get("refused")})
+                           "refused": got.get("refused"),
+                           "got_steps": [st["intent"] for st in got.get("steps", [])] or None})
     n = len(items)
     return {"commands": n, "accuracy": right / n, "in_scope": n - should_refuse, "to_refuse": should_refuse,
             "slot_accuracy": slot_right / slot_total if slot_total else None, "slot_checked": slot_total,
             "refusal_precision": refused_ok / refused_all if refused_all else None,
-            "refusal_recall": refused_ok / should_refuse if should_refuse else None, "errors": errors}
+            "refusal_recall": refused_ok / should_refuse if should_refuse else None,
+            "by_kind": {k: {"right": r, "of": t} for k, (r, t) in sorted(by_kind.items())}, "errors": errors}
 
 
 def main(argv=None) -> int:
@@ -79,6 +106,7 @@ def main(argv=None) -> int:
           f"({result['in_scope']} in scope, {result['to_refuse']} to refuse); slots {result['slot_accuracy']:.1%} "
           f"of {result['slot_checked']}; refusal precision {result['refusal_precision']:.1%}, "
           f"recall {result['refusal_recall']:.1%}; threshold {vocab.threshold}")
+    print("by kind: " + ", ".join(f"{k} {v['right']}/{v['of']}" for k, v in result["by_kind"].items()))
     print("accuracy by threshold: " + ", ".join(f"{t}: {a:.1%}" for t, a in result["sweep"].items()))
     for e in result["errors"]:
         print("  miss:", json.dumps(e))

@@ -16,6 +16,9 @@ from exporter.runtime.files import BundleFileError, bundle_path
 # What the apps use when no --bundle is given: the README's host bundle, exported on first use.
 DEFAULT_EXPORT = ["--target", "host", "--format", "onnx", "--recipe", "int8-dynamic"]
 DEFAULT_NAME = "smollm2-135m-instruct-onnx-int8-dynamic"
+# Measured first exports of DEFAULT_EXPORT (SmolLM2 download cached), for an honest estimate: 642 s with
+# the latency stage and 407 s without (--no-latency) on a 2-core AMD EPYC VM shared with other jobs.
+FIRST_EXPORT_NOTE = "about 7-11 min on a shared 2-core x86 VM (642 s measured); slm-export prints each stage"
 # Context used when the bundle has no fixed one (dynamic-cache ONNX): enough for chat, bounded for speed.
 DEFAULT_CONTEXT = 2048
 
@@ -133,13 +136,15 @@ def default_bundle_dir() -> Path:
 
 
 def resolve_bundle(bundle: Path | None, log=lambda m: print(m, file=sys.stderr)) -> Path:
-    """``bundle`` if given; else the default bundle, exported once with slm-export if missing (~2 min)."""
+    """``bundle`` if given; else the default bundle, exported once with slm-export if missing
+    (minutes: see FIRST_EXPORT_NOTE)."""
     if bundle is not None:
         return Path(bundle)
     path = default_bundle_dir()
     if (path / "runtime.json").exists():
         return path
-    log(f"no bundle given and {path} does not exist: exporting it once (slm-export {' '.join(DEFAULT_EXPORT)}), ~2 min")
+    log(f"no bundle given and {path} does not exist: exporting it once (slm-export {' '.join(DEFAULT_EXPORT)}): "
+        f"{FIRST_EXPORT_NOTE}; later starts reuse it")
     argv = [sys.executable, "-m", "exporter.cli", *DEFAULT_EXPORT, "--out", str(path)]
     done = subprocess.run(argv)
     if done.returncode != 0 or not (path / "runtime.json").exists():

@@ -11,6 +11,12 @@ title and the novel's famous first sentence.
 * accuracy: at each of ``--words`` consecutive word starts (typed text ends with the space before
   the word), a hit if the actual next word is among the 3 suggestions (exact, and ignoring case);
   also after its first letter is typed.
+* junk: the share of suggestions no one would accept, over the suggestions shown at each word start,
+  after its first letter and after the whole word is typed. A suggestion is junk if it starts with
+  punctuation ("'s"), is not a word (glued pieces such as "liketo": not a whole-word token of the
+  vocabulary, nor a word of the shipped calibration text or of the held-out text itself, contractions
+  of those allowed), repeats an earlier suggestion up to case and curly/straight apostrophes
+  ("isn't" / "isn’t"), or is the word already typed.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from examples.common import AppError, open_bundle, resolve_bundle
-from examples.predictive_text.suggest import Predictor
+from examples.predictive_text.suggest import Lexicon, Predictor, normalise, shipped_texts
 
 WORD = re.compile(r"[A-Za-z][A-Za-z']*")
 SKIP_CHARS = 600  # title page and the first sentence, which every LM has seen quoted
@@ -50,21 +56,41 @@ def word_positions(text: str, start: int, n: int) -> list[tuple[int, str]]:
     return out
 
 
+def junk(words: list[str], typed: str, judge: Lexicon) -> list[str]:
+    """The junk among one suggestion list (see the module docstring), as "word (why)"."""
+    out, seen = [], set()
+    for w in words:
+        why = ("starts with punctuation" if not w[:1].isalnum() else "not a word" if w not in judge
+               else "repeated" if normalise(w) in seen else "the typed word" if normalise(w) == normalise(typed) else None)
+        seen.add(normalise(w))
+        if why:
+            out.append(f"{w} ({why})")
+    return out
+
+
 def measure_accuracy(predictor: Predictor, text: str, n_words: int) -> dict:
-    """Top-3 next-word hit rates at word starts and after the first letter."""
+    """Top-3 next-word hit rates at word starts and after the first letter; the share of junk."""
     hits = {"exact": 0, "nocase": 0, "first_letter": 0}
     positions = word_positions(text, SKIP_CHARS, n_words)
-    examples = []
+    judge = Lexicon(predictor.bundle.token_bytes, shipped_texts() + [text])
+    examples, junk_found, shown = [], [], 0
     for offset, word in positions:
         words = [s.word for s in predictor.suggest(text[:offset])]
+        first = [s.word for s in predictor.suggest(text[:offset + 1])]
+        full = [s.word for s in predictor.suggest(text[:offset + len(word)])]
         hits["exact"] += word in words
         hits["nocase"] += word.lower() in [w.lower() for w in words]
-        hits["first_letter"] += word in [s.word for s in predictor.suggest(text[:offset + 1])]
+        hits["first_letter"] += word in first
+        for typed, sugs in (("", words), (word[0], first), (word, full)):
+            shown += len(sugs)
+            junk_found += junk(sugs, typed, judge)
         if len(examples) < 8:
             examples.append({"context": text[max(0, offset - 40):offset], "next": word, "suggested": words})
     n = len(positions)
     return {"words": n, "top3": hits["exact"] / n, "top3_ignore_case": hits["nocase"] / n,
-            "top3_after_first_letter": hits["first_letter"] / n, "examples": examples}
+            "top3_after_first_letter": hits["first_letter"] / n, "examples": examples,
+            "suggestions_shown": shown, "junk_share": len(junk_found) / shown if shown else 0.0,
+            "junk_examples": junk_found[:20]}
 
 
 def measure_keystrokes(predictor: Predictor, text: str, n_keys: int, start: int) -> dict:
@@ -108,7 +134,10 @@ def main(argv=None) -> int:
     print(f"{result['format']} {result['recipe']}: keystroke->suggestions p50 {lat['p50_ms']:.0f} ms, "
           f"p90 {lat['p90_ms']:.0f} ms over {lat['keystrokes']} keystrokes; top-3 next word "
           f"{acc['top3']:.1%} ({acc['top3_ignore_case']:.1%} ignoring case), after 1st letter "
-          f"{acc['top3_after_first_letter']:.1%}, on {acc['words']} held-out words")
+          f"{acc['top3_after_first_letter']:.1%}, on {acc['words']} held-out words; junk "
+          f"{acc['junk_share']:.1%} of {acc['suggestions_shown']} suggestions shown")
+    if acc["junk_examples"]:
+        print("  junk: " + ", ".join(acc["junk_examples"]))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0

@@ -26,6 +26,15 @@ import numpy as np
 from examples.common import Bundle, KVSession
 
 WORD_ASCII = set(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789'")
+# The word list's source: shipped English text (the calibration sample; the eval sample stays held out).
+LEXICON_TEXTS = ("calibration_english.txt",)
+MIN_TOKEN_WORD = 4  # letters a vocabulary token needs to count as a word on its own
+CONTRACTION = re.compile(r"^([a-z]+?)(n't|'s|'ll|'re|'ve|'d|'m)$")
+# Contractions whose base is no word of its own ("can't" = "ca" + "n't").
+CONTRACTION_BASES = {"ca", "wo", "sha", "ai"}
+# Contractions written without the apostrophe: BPE vocabularies of web text hold " dont", " wouldnt".
+APOSTROPHE_LESS = re.compile(r"^(?:(?:do|does|did|is|are|was|were|has|have|had|would|could|should|must|need|ca|wo|ai)nt"
+                             r"|im|ive|youre|theyre|thats|whats|hes|shes|youve|weve|theyve|ill|youll|itll|id|youd)$")
 OPENERS = "\n\"'(“‘[-"
 _PARTIAL = re.compile(r"[\w'’]*\Z")
 
@@ -53,6 +62,49 @@ def starts_word(b: bytes) -> bool:
         except UnicodeDecodeError:
             continue
     return True
+
+
+def normalise(word: str) -> str:
+    """What makes two suggestions the same word: case and curly vs straight apostrophes."""
+    return word.replace("’", "'").lower()
+
+
+class Lexicon:
+    """The words a suggestion may be: whole-word tokens of the vocabulary (" door") and the words of
+    shipped text, plus their contractions. A search over sub-word tokens can otherwise end on glued
+    pieces ("liketo", "toHost", "meetingroom") when the model's end-of-word mass happens to be high."""
+
+    def __init__(self, token_bytes: list, texts=()):
+        words = set()
+        for b in token_bytes:
+            if b and b[:1] == b" ":
+                w = b[1:].decode("utf-8", errors="replace")
+                # Short tokens are as often pieces (" wor", " whi", " b") as words: those come from text only.
+                if w.isalpha() and len(w) >= MIN_TOKEN_WORD:
+                    words.add(normalise(w))
+        for text in texts:
+            words.update(normalise(w) for w in re.findall(r"[A-Za-z]+(?:['’][A-Za-z]+)?", text))
+        self.words = {w for w in words if not APOSTROPHE_LESS.match(w)}
+
+    def __contains__(self, word: str) -> bool:
+        w = normalise(word)
+        if w in self.words:
+            return True
+        m = CONTRACTION.match(w)
+        return bool(m) and (m.group(1) in self.words or m.group(1) in CONTRACTION_BASES)
+
+
+def shipped_texts() -> list[str]:
+    """The English samples shipped with slm-export (no download)."""
+    from exporter.texts import builtin_text
+
+    return [builtin_text(name) for name in LEXICON_TEXTS]
+
+
+def acceptable(word: str, typed: str, lexicon: Lexicon) -> bool:
+    """A suggestion worth a slot: starts with a letter or digit (not "'s"), is a known word, and is
+    not just the word already typed."""
+    return bool(word) and word[0].isalnum() and normalise(word) != normalise(typed) and word in lexicon
 
 
 @dataclass
@@ -125,6 +177,7 @@ class Predictor:
         self.k, self.max_calls, self.branch = k, max_calls, branch
         self.context_tokens = context_tokens
         self.vocab = VocabIndex(bundle.token_bytes)
+        self.lexicon = Lexicon(bundle.token_bytes, shipped_texts())
         self.session = KVSession(bundle.runner)
         # Fed only when there is no context at all (the model needs one token to predict from).
         start = bundle.tokenizer.token_to_id("<|endoftext|>")
@@ -163,11 +216,11 @@ class Predictor:
         at_start = not context or context[-1] in OPENERS
         vocab = self.vocab
         heap: list[tuple[float, tuple, bytes]] = [(0.0, (), b"")]
-        done: dict[bytes, float] = {}
+        done: dict[str, tuple[float, str]] = {}  # normalised word -> (score, word): one slot per word
         calls = 0
         while heap and calls < self.max_calls:
             neg, toks, s = heapq.heappop(heap)
-            best = sorted(done.values(), reverse=True)
+            best = sorted((v[0] for v in done.values()), reverse=True)
             if len(best) >= self.k and best[self.k - 1] >= -neg:
                 break  # no open partial word can beat the k finished ones
             lp = self._cache.get(toks)
@@ -175,19 +228,29 @@ class Predictor:
                 lp = _log_softmax(self.session.feed(ctx + list(toks))).astype(np.float32)
                 self._cache[toks] = lp
                 calls += 1
-            word = s.lstrip(b" ")
-            if len(s) >= len(req) and word and starts_word(word) and not word.endswith((b"'", "’".encode())):
-                end = float(np.logaddexp.reduce(lp[vocab.boundary]))
-                done[word] = max(done.get(word, -np.inf), -neg + end)
+            self._finish(done, s, req, typed, -neg, lp)
             for t in self._children(lp, s, req, at_start):
                 heapq.heappush(heap, (neg - lp[t], toks + (t,), s + vocab.bytes[t]))
         self.last_calls = calls
-        ranked = sorted(done.items(), key=lambda kv: -kv[1])[:self.k]
-        out = []
-        for raw, score in ranked:
-            word = raw.decode("utf-8", errors="ignore")
-            out.append(Suggestion(word, word[len(typed):] + " " if word.startswith(typed) else word + " ", score))
-        return out
+        ranked = sorted(done.values(), key=lambda v: -v[0])[:self.k]
+        return [Suggestion(word, word[len(typed):] + " " if word.startswith(typed) else word + " ", score)
+                for score, word in ranked]
+
+    def _finish(self, done: dict, s: bytes, req: bytes, typed: str, logprob: float, lp: np.ndarray) -> None:
+        """Record partial word ``s`` as a finished suggestion, scored by P(word) x P(the word ends)."""
+        raw = s.lstrip(b" ")
+        if len(s) < len(req) or not raw or not starts_word(raw) or raw.endswith((b"'", "’".encode())):
+            return
+        try:
+            word = raw.decode("utf-8")
+        except UnicodeDecodeError:  # ends inside a multi-byte character: not a word yet
+            return
+        if not acceptable(word, typed, self.lexicon):
+            return
+        score = logprob + float(np.logaddexp.reduce(lp[self.vocab.boundary]))
+        key = normalise(word)
+        if key not in done or done[key][0] < score:
+            done[key] = (score, word)
 
     def _children(self, lp: np.ndarray, s: bytes, req: bytes, at_start: bool) -> list[int]:
         """The ``branch`` most likely tokens that extend partial word ``s`` consistently with ``req``."""

@@ -74,7 +74,7 @@ function fail(e) {
 
 async function main() {
   const t0 = performance.now();
-  const [spec, tokDesc] = await Promise.all(["bundle/runtime.json", "bundle/tokenizer.json"].map(async (u) => {
+  const [spec, tokDesc, words] = await Promise.all(["bundle/runtime.json", "bundle/tokenizer.json", "bundle/words.json"].map(async (u) => {
     const r = await fetch(u);
     if (!r.ok) throw new Error(`${u}: HTTP ${r.status}`);
     return r.json();
@@ -82,7 +82,7 @@ async function main() {
   if (spec.format !== "onnx" || spec.kind !== "causal-lm") throw new Error(`need an onnx causal-lm bundle, got ${spec.format} ${spec.kind}`);
   const tokenizer = new ByteLevelBPE(tokDesc);
   const lm = await OnnxLM.open(ort, "bundle/model.onnx", spec);
-  const predictor = new Predictor(lm, tokenizer);
+  const predictor = new Predictor(lm, tokenizer, new Set(words));
   Object.assign(slm, {
     ort, spec, tokenizer, lm, predictor,
     encode: (text) => tokenizer.encode(text),

@@ -17,6 +17,26 @@ const lenient = new TextDecoder("utf-8");
 const toBytes = (s) => Uint8Array.from(s, (c) => c.charCodeAt(0));
 const utf8Binary = (text) => String.fromCharCode(...new TextEncoder().encode(text));
 
+// The same whole-word check as suggest.py's Lexicon / acceptable(); the word set is the server's
+// /bundle/words.json (built by suggest.Lexicon from the vocabulary and shipped text).
+const CONTRACTION = /^([a-z]+?)(n't|'s|'ll|'re|'ve|'d|'m)$/;
+const CONTRACTION_BASES = new Set(["ca", "wo", "sha", "ai"]);
+const ALNUM_START = /^[\p{L}\p{N}]/u;
+
+export function normalise(word) { return word.replace(/’/g, "'").toLowerCase(); }
+
+export function inLexicon(word, words) {
+  const w = normalise(word);
+  if (words.has(w)) return true;
+  const m = CONTRACTION.exec(w);
+  return !!m && (words.has(m[1]) || CONTRACTION_BASES.has(m[1]));
+}
+
+/** A suggestion worth a slot: starts with a letter or digit, a known word, not the word already typed. */
+export function acceptable(word, typed, words) {
+  return !!word && ALNUM_START.test(word) && normalise(word) !== normalise(typed) && inLexicon(word, words);
+}
+
 function decodeStrict(bin) {
   try { return strict.decode(toBytes(bin)); } catch { return null; }
 }
@@ -213,8 +233,8 @@ export class OnnxLM {
 
 /** The next k whole words for typed text (a port of suggest.py's Predictor). */
 export class Predictor {
-  constructor(lm, tokenizer, { k = 3, maxCalls = 8, branch = 4, contextTokens = 96 } = {}) {
-    Object.assign(this, { lm, tokenizer, k, maxCalls, branch, contextTokens });
+  constructor(lm, tokenizer, words, { k = 3, maxCalls = 8, branch = 4, contextTokens = 96 } = {}) {
+    Object.assign(this, { lm, tokenizer, k, maxCalls, branch, contextTokens, words });
     this.vocab = new VocabIndex(tokenizer.tokenBytes());
     const start = tokenizer.vocab.get("<|endoftext|>");
     this.startIds = [start !== undefined ? start : lm.spec.bos_token_id ?? (lm.spec.eos_token_ids || [])[0]];
@@ -257,7 +277,7 @@ export class Predictor {
         if (a.neg < b.neg || (a.neg === b.neg && compareTuple(a.toks, b.toks) < 0)) bi = i;
       }
       const { neg, toks, s } = heap.splice(bi, 1)[0];
-      const best = [...done.values()].sort((x, y) => y - x);
+      const best = [...done.values()].map((v) => v.score).sort((x, y) => y - x);
       if (best.length >= this.k && best[this.k - 1] >= -neg) break;
       const key = toks.join(",");
       let lp = this.cache.get(key);
@@ -266,19 +286,24 @@ export class Predictor {
         this.cache.set(key, lp);
         calls++;
       }
-      const word = s.replace(/^ +/, "");
-      if (s.length >= req.length && word && startsWord(word) && !word.endsWith(APOS_BYTES) && !word.endsWith(RSQUO_BYTES)) {
-        const end = logSumExpWhere(lp, vocab.boundary);
-        done.set(word, Math.max(done.has(word) ? done.get(word) : -Infinity, -neg + end));
-      }
+      this.finish(done, s, req, typed, -neg, lp);
       for (const t of this.children(lp, s, req, atStart)) heap.push({ neg: neg - lp[t], toks: toks.concat([t]), s: s + vocab.bytes[t] });
     }
     this.lastCalls = calls;
-    const ranked = [...done.entries()].sort((a, b) => b[1] - a[1]).slice(0, this.k);
-    return ranked.map(([raw, score]) => {
-      const w = lenient.decode(toBytes(raw)).replace(/\ufffd/g, "");
-      return { word: w, completion: w.startsWith(typed) ? w.slice(typed.length) + " " : w + " ", logprob: score };
-    });
+    const ranked = [...done.values()].sort((a, b) => b.score - a.score).slice(0, this.k);
+    return ranked.map(({ word: w, score }) => (
+      { word: w, completion: w.startsWith(typed) ? w.slice(typed.length) + " " : w + " ", logprob: score }));
+  }
+
+  /** Record partial word `s` as a finished suggestion (one slot per normalised word). */
+  finish(done, s, req, typed, logprob, lp) {
+    const raw = s.replace(/^ +/, "");
+    if (s.length < req.length || !raw || !startsWord(raw) || raw.endsWith(APOS_BYTES) || raw.endsWith(RSQUO_BYTES)) return;
+    const word = decodeStrict(raw);
+    if (word === null || !acceptable(word, typed, this.words)) return;
+    const score = logprob + logSumExpWhere(lp, this.vocab.boundary);
+    const key = normalise(word);
+    if (!done.has(key) || done.get(key).score < score) done.set(key, { score, word });
   }
 
   /** The `branch` most likely tokens extending partial word `s` consistently with `req`. */

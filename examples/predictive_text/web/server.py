@@ -53,7 +53,8 @@ def check_setup(bundle: Path) -> dict:
 class Handler(BaseHTTPRequestHandler):
     """GET only; a fixed set of files, never a path from the request joined to a folder unchecked."""
 
-    def __init__(self, *args, bundle: Path, spec: dict, quiet: bool, **kw):
+    def __init__(self, *args, bundle: Path, spec: dict, quiet: bool, words: bytes = b"[]", **kw):
+        self.words = words
         self.bundle, self.spec, self.quiet = bundle, spec, quiet
         super().__init__(*args, **kw)
 
@@ -90,6 +91,9 @@ class Handler(BaseHTTPRequestHandler):
         if not self.host_allowed():
             self.send_error(421, "Misdirected Request: this server answers only to 127.0.0.1 / localhost")
             return
+        if self.path.split("?", 1)[0] == "/bundle/words.json":
+            self.send_body(self.words, ".json")
+            return
         file = self.resolve(self.path)
         if file is None or not file.is_file():
             self.send_error(404)
@@ -105,16 +109,40 @@ class Handler(BaseHTTPRequestHandler):
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the page was closed mid-download
 
+    def send_body(self, body: bytes, suffix: str) -> None:
+        """A response built in memory (the word list)."""
+        self.send_response(200)
+        self.send_header("Content-Type", TYPES.get(suffix, "application/octet-stream"))
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+        self.wfile.write(body)
+
     def log_message(self, fmt, *args):
         if not self.quiet:
             super().log_message(fmt, *args)
+
+
+def lexicon_json(bundle: Path) -> bytes:
+    """The words suggestions may be (suggest.Lexicon on this bundle's tokenizer), for the page."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    from examples.common.detok import token_bytes_table
+    from examples.predictive_text.suggest import Lexicon, shipped_texts
+    from exporter.runtime.files import bundle_path
+
+    tokenizer = Tokenizer.from_file(str(bundle_path(bundle, "tokenizer.json")))
+    return json.dumps(sorted(Lexicon(token_bytes_table(tokenizer), shipped_texts()).words)).encode()
 
 
 def serve(bundle: Path, port: int = 8000, quiet: bool = False) -> ThreadingHTTPServer:
     """A server (not yet serving) for the page on ``bundle``, bound to 127.0.0.1:``port`` (0: any free port)."""
     spec = check_setup(bundle)
     try:
-        return ThreadingHTTPServer(("127.0.0.1", port), partial(Handler, bundle=bundle, spec=spec, quiet=quiet))
+        return ThreadingHTTPServer(("127.0.0.1", port), partial(Handler, bundle=bundle, spec=spec, quiet=quiet,
+                                                                words=lexicon_json(bundle)))
     except OSError as e:
         raise AppError(f"cannot listen on 127.0.0.1:{port}: {e.strerror}", hint="pick another --port") from None
 
