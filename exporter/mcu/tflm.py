@@ -8,8 +8,6 @@ process (TFLM aborts the process, it does not raise, when an arena is too small)
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import subprocess
 import sys
@@ -19,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from exporter.errors import ExportFailedError
+from exporter.quiet import quiet
 
 # Generous arena for measuring (the recording allocator reports what was used, not what was given).
 MEASURE_ARENA_BYTES = 8 << 20
@@ -41,33 +40,12 @@ def interpreter(model: bytes, arena_size: int = MEASURE_ARENA_BYTES):
     return _runtime().Interpreter.from_bytes(model, arena_size=arena_size)
 
 
-@contextlib.contextmanager
-def _capture_fds():
-    """Capture what C++ code writes to the process' stdout and stderr file descriptors."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as buf:
-        os.dup2(buf.fileno(), 1)
-        os.dup2(buf.fileno(), 2)
-        box = {}
-        try:
-            yield box
-        finally:
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
-            buf.seek(0)
-            box["text"] = buf.read().decode(errors="replace")
-
-
 def measure_arena(model: bytes) -> dict:
     """Tensor arena bytes TFLM allocated for ``model``: {"total", "head", "tail"}."""
     it = interpreter(model)
-    with _capture_fds() as out:
+    with quiet() as out:  # print_allocations writes from C++ straight to the descriptors
         it.print_allocations()
-    text = out["text"]
+    text = out.text
     m = _TOTAL.search(text)
     if not m:
         raise ExportFailedError("TFLite Micro did not report its arena usage",
