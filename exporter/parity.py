@@ -70,14 +70,9 @@ def write_reference(loaded, path, eos_ids=(), window: int = 64, greedy_tokens: i
     Holds one eval window's token ids and PyTorch logits (float16 to keep it small), and a greedy
     prompt with the reference's greedy tokens. ``exporter.runtime.main --parity`` compares against it.
     """
-    if loaded.kind != "causal-lm":
+    if loaded.kind != "causal-lm":  # an encoder's hidden states, or a classifier's label logits
         ids = token_windows(loaded.tokenizer, eval_text(), window, 1)[0]
-        import torch
-
-        with torch.no_grad():
-            t = torch.tensor([ids])
-            hidden = loaded.model(input_ids=t, attention_mask=torch.ones_like(t)).last_hidden_state[0].numpy()
-        np.savez_compressed(path, ids=np.asarray(ids, np.int64), hidden=hidden.astype(np.float16))
+        np.savez_compressed(path, ids=np.asarray(ids, np.int64), hidden=encoder_reference(loaded, ids).astype(np.float16))
         return
     ids = token_windows(loaded.tokenizer, eval_text(), window, 1)[0]
     prompt = greedy_prompt(loaded.tokenizer)
@@ -88,11 +83,24 @@ def write_reference(loaded, path, eos_ids=(), window: int = 64, greedy_tokens: i
     )
 
 
+def encoder_reference(loaded, ids: list[int]) -> np.ndarray:
+    """PyTorch output of an encoder for one sequence: hidden states (len, hidden), or label logits."""
+    import torch
+
+    from .formats import encoder_output
+
+    with torch.no_grad():
+        t = torch.tensor([ids])
+        return encoder_output(loaded.model(input_ids=t, attention_mask=torch.ones_like(t)), loaded.kind)[0].numpy()
+
+
 def evaluate(loaded, runner, recipe: str, window: int = 128, max_windows: int = 3, greedy_tokens: int = 32,
              progress: Callable[[str], None] = lambda m: None) -> dict:
     """Parity metrics of ``runner`` against ``loaded.model`` and whether ``recipe``'s thresholds hold."""
     thresholds = get_recipe(recipe).thresholds
-    if isinstance(runner, EncoderRunner):
+    if loaded.kind == "sequence-classifier":
+        metrics = _classifier_metrics(loaded, runner)
+    elif isinstance(runner, EncoderRunner):
         metrics = _encoder_metrics(loaded, runner, window, max_windows)
     else:
         metrics = _causal_metrics(loaded, runner, window, max_windows, greedy_tokens, progress)
@@ -133,16 +141,28 @@ def _causal_metrics(loaded, runner, window, max_windows, greedy_tokens, progress
     return metrics
 
 
-def _encoder_metrics(loaded, runner, window, max_windows) -> dict:
-    import torch
+# A classifier is judged on its decisions over many short texts (sentence-sized windows of the eval
+# text): one long window would give a single label.
+CLASSIFIER_TEXTS = 48
+CLASSIFIER_TOKENS = 24
 
+
+def _classifier_metrics(loaded, runner) -> dict:
+    windows = token_windows(loaded.tokenizer, eval_text(), CLASSIFIER_TOKENS, CLASSIFIER_TEXTS)
+    ref = np.stack([encoder_reference(loaded, ids) for ids in windows])
+    art = np.stack([runner.encode(ids) for ids in windows]).astype(np.float32)
+    diff = np.abs(ref - art)
+    return {"texts": len(windows), "label_agreement": float((ref.argmax(-1) == art.argmax(-1)).mean()),
+            "max_abs_err": float(diff.max()), "mean_abs_err": float(diff.mean()),
+            "labels": len(runner.spec.get("labels") or []) or int(ref.shape[-1])}
+
+
+def _encoder_metrics(loaded, runner, window, max_windows) -> dict:
     windows = token_windows(loaded.tokenizer, eval_text(), min(window, runner.spec.get("max_context") or window),
                             max_windows)
     refs, arts = [], []
     for ids in windows:
-        with torch.no_grad():
-            t = torch.tensor([ids])
-            refs.append(loaded.model(input_ids=t, attention_mask=torch.ones_like(t)).last_hidden_state[0].numpy())
+        refs.append(encoder_reference(loaded, ids))
         arts.append(runner.encode(ids))
     ref, art = np.concatenate(refs), np.concatenate(arts).astype(np.float32)
     cos = (ref * art).sum(-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(art, axis=-1) + 1e-12)

@@ -16,6 +16,8 @@ PARITY_ROWS = (
     ("ppl_rel_change", "perplexity change", "{:+.4%}"),
     ("greedy_identical", "greedy tokens identical", "{}"),
     ("cosine_min", "min cosine (hidden states)", "{:.6f}"),
+    ("label_agreement", "label agreement", "{:.4f}"),
+    ("texts", "texts classified", "{}"),
 )
 LATENCY_ROWS = (
     ("load_s", "load time (s)", "{:.3f}"),
@@ -32,7 +34,8 @@ def parity_rows(parity: dict) -> list[tuple[str, str, str]]:
     metrics, th = parity.get("metrics", {}), parity.get("thresholds", {})
     limits = {"max_abs_err": ("<= ", "max_abs_err"), "top1_agreement": (">= ", "top1_min"),
               "top5_agreement": (">= ", "top5_min"), "ppl_rel_change": ("within ±", "ppl_rel_change_max"),
-              "greedy_identical": ("required", "greedy_identical"), "cosine_min": (">= ", "encoder_cosine_min")}
+              "greedy_identical": ("required", "greedy_identical"), "cosine_min": (">= ", "encoder_cosine_min"),
+              "label_agreement": (">= ", "label_agreement_min")}
     rows = []
     encoder = "cosine_min" in metrics  # hidden states compared, not logits
     for key, label, fmt in PARITY_ROWS:
@@ -40,6 +43,8 @@ def parity_rows(parity: dict) -> list[tuple[str, str, str]]:
             continue
         if encoder:
             label = label.replace("logit error", "hidden-state error")
+        elif "label_agreement" in metrics:
+            label = label.replace("logit error", "label-logit error")
         prefix, tkey = limits.get(key, ("", None))
         limit = th.get(tkey) if tkey else None
         limit_text = "" if limit is None else (prefix if limit is True else f"{prefix}{limit:g}")

@@ -87,6 +87,65 @@ def test_encoder_on_each_device_target(target, tiny_model_dir, tmp_path):
     assert "hidden-state error" in (out / "report.md").read_text()
 
 
+CLASSIFIER_CELLS = [("bert", "onnx", "fp32"), ("bert", "tflite", "fp32"), ("distilbert", "onnx", "fp32"),
+                    ("mobilebert", "tflite", "fp32"), ("bert", "pte", "fp32"), ("bert", "onnx", "int8-dynamic"),
+                    ("bert", "tflite", "int8-dynamic"), ("distilbert", "pte", "int4-weight")]
+
+
+@pytest.mark.parametrize("fam, fmt, recipe", [_param(*c) for c in CLASSIFIER_CELLS])
+def test_sequence_classifier_exports_label_logits(fam, fmt, recipe, tiny_loaded, tmp_path):
+    """An encoder family's ...ForSequenceClassification exports its label logits and is gated on the
+    labels it picks over many short texts."""
+    loaded = tiny_loaded(f"{fam}-classifier")
+    assert loaded.kind == "sequence-classifier" and loaded.family.name == fam
+    art = get_format(fmt).build(loaded, recipe, ExportOptions(max_context=64, prefill_lengths=(16,)), tmp_path)
+    assert art.spec["kind"] == "sequence-classifier" and art.spec["outputs"] == ["logits"]
+    assert art.spec["labels"] == ["play", "pause", "skip"]
+    runner = open_runner(tmp_path, art.spec, verify_files=False)
+    assert runner.encode([5, 6, 7]).shape == (3,)
+    result = parity.evaluate(loaded, runner, recipe)
+    assert result["passed"], result
+    assert result["metrics"]["texts"] >= 40 and result["metrics"]["label_agreement"] >= 0.9
+
+
+def test_sequence_classifier_through_the_cli(tiny_model_dir, tmp_path):
+    """The whole CLI on rpi: the manifest, runtime.json and report speak of labels; the device-side
+    runner's --parity check reads the shipped label logits."""
+    import json
+    import subprocess
+    import sys
+
+    from test_cli import ROOT, run_cli
+
+    out = tmp_path / "rpi"
+    proc = run_cli("--target", "rpi", "--model", tiny_model_dir("bert-classifier"), "--out", out, "--repeats", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["kind"] == "sequence-classifier" and manifest["parity"]["passed"]
+    assert json.loads((out / "runtime.json").read_text())["labels"] == ["play", "pause", "skip"]
+    assert "label agreement" in (out / "report.md").read_text()
+    device = subprocess.run([sys.executable, "-m", "exporter.runtime.main", str(out), "--parity", "--json",
+                             "--repeats", "1"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert device.returncode == 0, device.stderr[-2000:]
+    checked = json.loads(device.stdout.strip().splitlines()[-1])["parity"]
+    assert checked["max_abs_err"] < 0.05 and checked["cosine_min"] > 0.99, checked
+
+
+def test_decoder_classifier_is_refused_with_the_reason(tmp_path):
+    from transformers import LlamaForSequenceClassification
+
+    from exporter.families import FAMILIES
+    from exporter.loading import load_model
+    from tiny_models import train_tokenizer
+
+    config = FAMILIES.get("llama").tiny_config()
+    config.num_labels, config.pad_token_id = 2, 0
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path)
+    train_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedRecipeError, match="sequence classification on a llama decoder is not supported"):
+        load_model(str(tmp_path))
+
+
 def test_max_context_defaults_to_the_models_positions(tmp_path, tiny_loaded):
     from exporter.pipeline import DEFAULT_MAX_CONTEXT, fit_context
 

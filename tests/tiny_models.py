@@ -28,18 +28,35 @@ def train_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
+CLASSIFIER_SUFFIX = "-classifier"  # e.g. "bert-classifier": the family's ...ForSequenceClassification
+CLASSIFIER_LABELS = ("play", "pause", "skip")
+
+
 def make_model_dir(arch: str, folder: Path, seed: int = 0) -> Path:
-    """Save a tiny random ``arch`` model and its tokenizer into ``folder``; return it."""
+    """Save a tiny random ``arch`` model and its tokenizer into ``folder``; return it.
+
+    ``arch`` is a family name, or ``<encoder family>-classifier`` for its sequence classifier.
+    """
     import torch
-    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
     from exporter.families import FAMILIES
 
-    family = FAMILIES.get(arch)  # every family brings its tiny config (exporter/families/<family>.py)
+    classifier = arch.endswith(CLASSIFIER_SUFFIX)
+    family = FAMILIES.get(arch.removesuffix(CLASSIFIER_SUFFIX))  # each family brings its tiny config
     config = family.tiny_config()
     causal = family.kind == "causal-lm"
-    model = (AutoModelForCausalLM if causal else AutoModel).from_config(config)
+    if classifier:
+        config.num_labels = len(CLASSIFIER_LABELS)
+        config.id2label = dict(enumerate(CLASSIFIER_LABELS))
+        config.label2id = {v: k for k, v in config.id2label.items()}
+        model = AutoModelForSequenceClassification.from_config(config)
+        with torch.no_grad():  # clear-cut decisions, as a trained classifier makes (see the lm_head below)
+            head = [m for n, m in model.named_modules() if n.endswith("classifier") and hasattr(m, "weight")]
+            head[-1].weight.mul_(8.0)
+    else:
+        model = (AutoModelForCausalLM if causal else AutoModel).from_config(config)
     if causal:
         # Random init gives near-uniform logits; scale the output layer so argmax decisions are
         # clear-cut and greedy comparisons are meaningful, as in a trained model.

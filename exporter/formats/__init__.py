@@ -47,7 +47,7 @@ class Format:
     recipes: tuple[str, ...] = ()  # recipe names of the shared vocabulary this format implements
     # Recipes of the vocabulary this format produces only through a target's own flow, with where.
     recipe_notes: dict[str, str] = {}
-    kinds: tuple[str, ...] = ("causal-lm", "encoder")
+    kinds: tuple[str, ...] = ("causal-lm", "encoder", "sequence-classifier")
 
     def check(self, kind: str, recipe: str, family=None) -> None:
         """Refuse, before any work, a recipe, model kind or family this format cannot do."""
@@ -109,16 +109,24 @@ def causal_lm_spec(loaded, fmt: str, artifact: str, recipe: str, **extra) -> dic
     return spec
 
 
+def encoder_output(outputs, kind: str):
+    """What an encoder graph returns: the last hidden states, or a classifier's label logits."""
+    return outputs.logits if kind == "sequence-classifier" else outputs.last_hidden_state
+
+
 def encoder_spec(loaded, fmt: str, artifact: str, recipe: str, **extra) -> dict:
-    """The runtime.json fields of an encoder model."""
+    """The runtime.json fields of an encoder model (or an encoder's sequence classifier)."""
     spec = {
         "format": fmt,
-        "kind": "encoder",
+        "kind": loaded.kind,
         "artifact": artifact,
         "recipe": recipe,
         "model_type": loaded.config.model_type,
         "hidden_size": int(loaded.config.hidden_size),
         "max_context": int(getattr(loaded.config, "max_position_embeddings", 512)),
     }
+    if loaded.kind == "sequence-classifier":
+        labels = getattr(loaded.config, "id2label", None) or {}
+        spec["labels"] = [str(labels.get(i, i)) for i in range(int(loaded.config.num_labels))]
     spec.update(extra)
     return spec

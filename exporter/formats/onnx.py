@@ -13,7 +13,7 @@ import contextlib
 from pathlib import Path
 
 from exporter.errors import ExportFailedError, condense
-from exporter.formats import Artifact, ExportOptions, Format, causal_lm_spec, encoder_spec, register
+from exporter.formats import Artifact, ExportOptions, Format, causal_lm_spec, encoder_output, encoder_spec, register
 from exporter.runtime.spec import contract_fields
 
 MODEL_FILE = "model.onnx"
@@ -122,13 +122,15 @@ def export_encoder(loaded, path: Path, spec: dict) -> None:
     (graph names from ``spec``)."""
     import torch
 
+    kind = loaded.kind
+
     class _Encoder(torch.nn.Module):
         def __init__(self, model):
             super().__init__()
             self.model = model
 
         def forward(self, input_ids, attention_mask):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return encoder_output(self.model(input_ids=input_ids, attention_mask=attention_mask), kind)
 
     ids = torch.randint(0, loaded.config.vocab_size, (2, 7))
     mask = torch.ones(2, 7, dtype=torch.long)
@@ -136,6 +138,18 @@ def export_encoder(loaded, path: Path, spec: dict) -> None:
     _export(_Encoder(loaded.model).eval(), (ids, mask),
             {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}, path,
             input_names=spec["inputs"], output_names=spec["outputs"])
+    _drop_shape_hints(path)
+
+
+def _drop_shape_hints(path: Path) -> None:
+    """Remove the graph's intermediate shape hints (``value_info``): for a classifier head the dynamo
+    exporter writes one that contradicts onnx's own shape inference ((batch, 64) vs (batch, 3)), which
+    onnxruntime.quantization then refuses. They are hints only; onnxruntime infers them again."""
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.graph.value_info[:]
+    onnx.save(model, str(path))
 
 
 def _export(module, args, dynamic_shapes, path: Path, input_names, output_names) -> None:
@@ -162,7 +176,7 @@ def onnx_spec(loaded, artifact: str, recipe: str) -> dict:
     if loaded.kind == "causal-lm":
         spec = causal_lm_spec(loaded, "onnx", artifact, recipe)
         return {**spec, **contract_fields("onnx", "causal-lm", spec["num_layers"])}
-    return {**encoder_spec(loaded, "onnx", artifact, recipe), **contract_fields("onnx", "encoder")}
+    return {**encoder_spec(loaded, "onnx", artifact, recipe), **contract_fields("onnx", loaded.kind)}
 
 
 class OnnxFormat(Format):

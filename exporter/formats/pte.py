@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from exporter.errors import ExportFailedError, UnsupportedRecipeError, condense
-from exporter.formats import Artifact, ExportOptions, Format, causal_lm_spec, encoder_spec, register
+from exporter.formats import Artifact, ExportOptions, Format, causal_lm_spec, encoder_output, encoder_spec, register
 from exporter.runtime.spec import contract_fields
 from exporter.texts import calibration_windows
 
@@ -37,7 +37,7 @@ class PteFormat(Format):
     name = "pte"
     description = "ExecuTorch program lowered to XNNPACK (static KV cache, ExecuTorch LLM-runner metadata)"
     recipes = ("fp32", "fp16", "int8-dynamic", "int8-static", "int4-weight")
-    kinds = ("causal-lm", "encoder")
+    kinds = ("causal-lm", "encoder", "sequence-classifier")
 
     def build(self, loaded, recipe: str, options: ExportOptions, out_dir: Path) -> Artifact:
         """Export, quantize with ``recipe``, lower to XNNPACK and write ``model.pte`` into ``out_dir``."""
@@ -268,6 +268,7 @@ def _build_encoder(loaded, recipe: str, options: ExportOptions, out_dir: Path) -
     max_len = min(int(options.max_context), positions)
     t0 = time.perf_counter()
     model, _ = _prepare(copy.deepcopy(loaded.model).eval(), recipe, options.group_size, loaded.family)
+    kind = loaded.kind
 
     class EncoderForward(torch.nn.Module):
         def __init__(self, m):
@@ -275,7 +276,7 @@ def _build_encoder(loaded, recipe: str, options: ExportOptions, out_dir: Path) -
             self.m = m
 
         def forward(self, input_ids):
-            return self.m(input_ids=input_ids).last_hidden_state
+            return encoder_output(self.m(input_ids=input_ids), kind)
 
     module = EncoderForward(model).eval()
     seq = torch.export.Dim("seq", min=1, max=max_len)
@@ -294,7 +295,7 @@ def _build_encoder(loaded, recipe: str, options: ExportOptions, out_dir: Path) -
                         "torch.export (quantized)", recipe)
     size, delegates = _lower_and_write(ep, recipe, {"get_max_seq_len": max_len}, out_dir / ARTIFACT)
     spec = encoder_spec(loaded, "pte", ARTIFACT, recipe, max_context=max_len, backend="xnnpack",
-                        runtime_pip=EXECUTORCH_PIP, **contract_fields("pte", "encoder"))
+                        runtime_pip=EXECUTORCH_PIP, **contract_fields("pte", loaded.kind))
     notes = [_summary(recipe, size, delegates, time.perf_counter() - t0)]
     return Artifact(format="pte", recipe=recipe, files=[ARTIFACT], spec=spec, notes=notes)
 

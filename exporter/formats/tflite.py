@@ -22,9 +22,9 @@ import contextlib
 from pathlib import Path
 
 from exporter.errors import ExportFailedError, SlmExportError, condense
-from exporter.formats import Artifact, ExportOptions, Format, causal_lm_spec, encoder_spec, register
+from exporter.formats import Artifact, ExportOptions, Format, causal_lm_spec, encoder_output, encoder_spec, register
 from exporter.quiet import quiet
-from exporter.runtime.spec import contract_fields, roles
+from exporter.runtime.spec import ENCODER_OUTPUT, contract_fields, roles
 
 MODEL_FILE = "model.tflite"
 # litert-torch's own switch for its rich progress log (the CLI reports stages through options.progress).
@@ -205,7 +205,7 @@ def _folded_gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, sca
     return out, None
 
 
-def _encoder_module(model, names: dict):
+def _encoder_module(model, names: dict, kind: str):
     import torch
 
     class EncoderWithMask(torch.nn.Module):
@@ -218,7 +218,7 @@ def _encoder_module(model, names: dict):
 
         def forward(self, **inputs):
             out = self.model(input_ids=inputs[names["tokens"]], attention_mask=inputs[names["mask"]])
-            return {names["hidden"]: out.last_hidden_state}
+            return {names[ENCODER_OUTPUT[kind]]: encoder_output(out, kind)}
 
     return EncoderWithMask().eval()
 
@@ -285,7 +285,7 @@ def convert_encoder(loaded, spec: dict) -> bytes:
     import torch
 
     names = roles(spec)
-    module = _encoder_module(loaded.model, names)
+    module = _encoder_module(loaded.model, names, loaded.kind)
     converter = litert_torch.Converter()
     for signature, n in spec["signatures"].items():
         sample = {names["tokens"]: torch.zeros(1, n, dtype=torch.int32),
@@ -370,7 +370,7 @@ class TFLiteFormat(Format):
         pad = loaded.tokenizer.pad_token_id
         spec = encoder_spec(loaded, "tflite", MODEL_FILE, recipe, max_context=length,
                             pad_token_id=int(pad) if pad is not None else 0)
-        spec.update(contract_fields("tflite", "encoder", lengths=lengths))
+        spec.update(contract_fields("tflite", loaded.kind, lengths=lengths))
         return convert_encoder(loaded, spec), spec, []
 
 

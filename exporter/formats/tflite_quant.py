@@ -316,7 +316,7 @@ def calibration_data(fp32: bytes, spec: dict, loaded, options) -> dict[str, list
     """
     from exporter.texts import calibration_windows
 
-    if spec["kind"] == "encoder":
+    if spec["kind"] != "causal-lm":  # an encoder or its classifier
         return _encoder_calibration(spec, loaded, options, calibration_windows)
     from ai_edge_litert.interpreter import Interpreter
 

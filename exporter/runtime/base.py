@@ -14,7 +14,7 @@ from .spec import contract_problem
 
 RUNTIME_SPEC = "runtime.json"  # written by the exporter next to the artifact; read by the runners
 REFERENCE_FILE = "parity_reference.npz"  # expected outputs shipped in the bundle (exporter.parity)
-KINDS = ("causal-lm", "encoder")
+KINDS = ("causal-lm", "encoder", "sequence-classifier")
 
 
 class RunnerError(BundleFileError):

@@ -9,7 +9,7 @@ import numpy as np
 
 from .base import CausalLMRunner, EncoderRunner, RunnerError, artifact_path
 from .messages import condense
-from .spec import contract, roles
+from .spec import ENCODER_OUTPUT, contract, roles
 
 
 def _session(path: Path, threads: int | None):
@@ -85,7 +85,7 @@ class OnnxEncoder(EncoderRunner):
     def encode(self, token_ids: Sequence[int]) -> np.ndarray:
         ids = np.asarray([token_ids], np.int64)
         feed = {self.names["tokens"]: ids, self.names["mask"]: np.ones_like(ids)}
-        return self.session.run([self.names["hidden"]], feed)[0][0]
+        return self.session.run([self.names[ENCODER_OUTPUT[self.spec["kind"]]]], feed)[0][0]
 
 
 def open_runner(bundle_dir: Path, spec: dict, threads: int | None = None, **_):

@@ -25,6 +25,10 @@ from __future__ import annotations
 import re
 
 CONTRACT_VERSION = 1
+CLASSIFIER = "sequence-classifier"
+ENCODER_KINDS = ("encoder", CLASSIFIER)  # kinds without a cache: one call maps tokens to the output
+# The output role of each encoder kind: hidden states (len, hidden), or a classifier's label logits.
+ENCODER_OUTPUT = {"encoder": "hidden", CLASSIFIER: "logits"}
 CACHE_LAYOUT = ["batch", "kv_heads", "seq", "head_dim"]
 PTE_METHOD = "forward"
 
@@ -40,6 +44,8 @@ _IO = {
     ("pte", "causal-lm"): ((("tokens", "tokens"), ("positions", "input_pos")), (("logits", "logits"),)),
     ("pte", "encoder"): ((("tokens", "input_ids"),), (("hidden", "last_hidden_state"),)),
 }
+_IO.update({(fmt, CLASSIFIER): (ins, (("logits", "logits"),)) for (fmt, kind), (ins, _) in list(_IO.items())
+            if kind == "encoder"})
 ROLES = {key: ([r for r, _ in ins], [r for r, _ in outs]) for key, (ins, outs) in _IO.items()}
 
 # Bounds for untrusted bundles: a real contract names a few hundred tensors of a few dozen characters.
@@ -64,7 +70,7 @@ def cache_names(fmt: str, num_layers: int) -> tuple[list[str], list[str]]:
 
 def signature_names(kind: str, lengths: list[int]) -> dict[str, int]:
     """TFLite signature names: ``prefill_<N>`` and a one-token ``decode`` (causal LMs), or ``encode_<N>``."""
-    if kind == "encoder":
+    if kind in ENCODER_KINDS:
         return {f"encode_{n}": int(n) for n in lengths}
     return {**{f"prefill_{n}": int(n) for n in lengths}, "decode": 1}
 

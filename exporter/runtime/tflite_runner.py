@@ -16,7 +16,7 @@ import numpy as np
 
 from .base import CausalLMRunner, EncoderRunner, RunnerError, artifact_path
 from .messages import condense
-from .spec import contract, decode_signature, roles
+from .spec import ENCODER_KINDS, ENCODER_OUTPUT, contract, decode_signature, roles
 
 RUNTIMES = ("ai-edge-litert", "tflite-runtime")
 
@@ -275,7 +275,8 @@ class TFLiteEncoder(_Base, EncoderRunner):
         self.pad = int(spec.get("pad_token_id", 0))
 
     def encode(self, token_ids: Sequence[int]) -> np.ndarray:
-        """Last hidden states (len, hidden) of one sequence of at most the exported length."""
+        """Last hidden states (len, hidden) of one sequence of at most the exported length (a
+        classifier: its label logits)."""
         ids = [int(t) for t in token_ids]
         if len(ids) > self.length:
             raise RunnerError(f"{len(ids)} tokens exceed the exported encoder length of {self.length}")
@@ -286,14 +287,15 @@ class TFLiteEncoder(_Base, EncoderRunner):
         tokens[0, :len(ids)] = ids
         mask[0, :len(ids)] = 1
         out = runner(**{self.names["tokens"]: tokens, self.names["mask"]: mask})
-        hidden = self.names["hidden"]
-        return dequantize(out[hidden], out_details[hidden])[0, :len(ids)]
+        name = self.names[ENCODER_OUTPUT[self.spec["kind"]]]
+        values = dequantize(out[name], out_details[name])[0]
+        return values if self.spec["kind"] != "encoder" else values[:len(ids)]  # drop the padding positions
 
 
 def open_runner(bundle_dir: Path, spec: dict, threads: int | None = None, **opts):
     """The runner for a tflite bundle. Options: ``runtime`` forces "ai-edge-litert" or "tflite-runtime";
     ``direct=False`` uses the plain SignatureRunner calls (see ``TFLiteCausalLM``)."""
-    if spec.get("kind") == "encoder":
+    if spec.get("kind") in ENCODER_KINDS:
         return TFLiteEncoder(bundle_dir, spec, threads=threads, runtime=opts.get("runtime"))
     return TFLiteCausalLM(bundle_dir, spec, threads=threads, runtime=opts.get("runtime"),
                           direct=opts.get("direct", True))
