@@ -120,3 +120,19 @@ def test_cli_refuses_a_broken_reference_before_any_export(smollm2, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "reference is implausible" in proc.stderr and "exporting" not in proc.stderr
     assert not out.exists() and not list(tmp_path.glob(".bundle*"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("os").environ.get("SLM_EXPORT_REAL_GEMMA") != "1",
+                    reason="Gemma-3-270M packages are large: set SLM_EXPORT_REAL_GEMMA=1 (see test_real_models.py)")
+def test_real_gemma3_agrees_with_llama_cpp_and_is_refused_without_bos(monkeypatch):
+    from exporter import texts
+    from exporter.loading import load_model
+
+    gemma = load_model("gemma3-270m")
+    result = reference.check(gemma, cross_check="always")
+    assert result["ppl"] < 40 and result["llama_cpp"]["tokens_identical"], result
+    assert result["llama_cpp"]["top1_agreement"] >= 0.92, result
+    monkeypatch.setattr(texts, "special_tokens_around", lambda tokenizer: ([], []))  # the old, BOS-less windows
+    with pytest.raises(ImplausibleReference, match="implausible"):
+        reference.check(gemma, cross_check="never")
