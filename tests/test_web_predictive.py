@@ -140,7 +140,13 @@ def test_server_errors_are_one_clear_message(tiny_bundle, tmp_path, monkeypatch)
     from test_untrusted import edit_spec, reseal
 
     bad = shutil.copytree(tiny_bundle, tmp_path / "bad")
-    edit_spec(bad, format="tflite")  # a well-formed, verified bundle of a format the page cannot run
+    import json
+
+    from exporter.runtime.spec import contract_fields
+
+    layers = json.loads((bad / "runtime.json").read_text())["num_layers"]
+    # a well-formed, verified bundle (its contract a tflite one) of a format the page cannot run
+    edit_spec(bad, format="tflite", **contract_fields("tflite", "causal-lm", layers, 64, [32]))
     reseal(bad)
     if (WEB / "node_modules" / "onnxruntime-web" / "dist").is_dir():
         done = subprocess.run([sys.executable, "-m", "examples.predictive_text.web", "--bundle", str(bad)], cwd=ROOT,
