@@ -107,15 +107,15 @@ def run_worker(python: Path, gguf: Path, windows: list[list[int]], text: str, th
             return {"logits": [data[f"logits_{i}"] for i in range(len(windows))], "text_ids": data["text_ids"].tolist()}
 
 
-def cross_check(loaded, windows: list[list[int]], build: bool = False, cache_dir: Path | None = None,
+def cross_check(loaded, windows: list[list[int]], ours: list[np.ndarray], build: bool = False, cache_dir: Path | None = None,
                 progress: Callable[[str], None] = lambda m: None) -> dict:
-    """Compare the PyTorch model with llama.cpp on the GGUF it was converted from.
+    """Compare the PyTorch model (``ours``: its logits on ``windows``) with llama.cpp on the GGUF it was
+    converted from.
 
     Returns the figures; raises ImplausibleReference when they disagree. When llama.cpp is not built
     and ``build`` is false, returns ``{"checked": False, "why": ...}`` without building.
     """
-    from .parity import reference_logits
-    from .reference import ImplausibleReference, compare_logits
+    from .reference import ImplausibleReference, compare_logits, stack
     from .texts import eval_text
 
     gguf = Path(loaded.identity["source"])
@@ -125,10 +125,9 @@ def cross_check(loaded, windows: list[list[int]], build: bool = False, cache_dir
     progress(f"reference: llama.cpp {VERSION} on {gguf.name} ({len(windows)} windows)")
     text = " ".join(eval_text().split()[:200])
     theirs = run_worker(python, gguf, windows, text)
-    ours = [reference_logits(loaded.model, ids) for ids in windows]
-    next_ids = np.concatenate([np.asarray(ids[1:] + [-1]) for ids in windows])
+    ref, next_ids = stack(ours, windows)
+    other, _ = stack(theirs["logits"], windows)
     keep = next_ids >= 0
-    ref, other = np.concatenate(ours), np.concatenate(theirs["logits"])
     figures = compare_logits(ref, other, None)
     ppl = compare_logits(ref[keep], other[keep], next_ids[keep])
     hf_ids = loaded.tokenizer(text, add_special_tokens=True)["input_ids"]

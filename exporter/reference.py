@@ -48,17 +48,18 @@ def windows(tokenizer, window: int = WINDOW, count: int = WINDOWS) -> list[list[
     return token_windows(tokenizer, eval_text(), window, count)
 
 
-def perplexity(model, token_windows: list[list[int]]) -> float:
-    """PyTorch perplexity of ``model`` over ``token_windows`` (every next token scored)."""
-    import torch
+def stack(logits: list[np.ndarray], token_windows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Every window's (n, vocab) logits as one array, and each position's next token (-1 at a window's end)."""
+    return np.concatenate(logits), np.concatenate([np.asarray(ids[1:] + [-1]) for ids in token_windows])
 
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for ids in token_windows:
-            logits = model(torch.tensor([ids])).logits[0, :-1].float()
-            nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum"))
-            count += len(ids) - 1
-    return math.exp(nll / max(count, 1))
+
+def perplexity(logits: np.ndarray, next_ids: np.ndarray) -> float:
+    """Perplexity of stacked ``logits`` on the known next tokens (``stack``)."""
+    from .runtime.metrics import log_softmax
+
+    keep = next_ids >= 0
+    scored = log_softmax(logits[keep])[np.arange(int(keep.sum())), next_ids[keep]]
+    return math.exp(-float(scored.mean()))
 
 
 def check(loaded, progress: Callable[[str], None] = lambda m: None, cross_check: str = "auto") -> dict:
@@ -72,8 +73,11 @@ def check(loaded, progress: Callable[[str], None] = lambda m: None, cross_check:
     params = int(loaded.identity.get("num_parameters") or sum(p.numel() for p in loaded.model.parameters()))
     bound = perplexity_bound(params)
     progress("reference: perplexity of the PyTorch model on the English eval text")
+    from .parity import reference_logits
+
     ids = windows(loaded.tokenizer)
-    ppl = perplexity(loaded.model, ids)
+    logits = [reference_logits(loaded.model, w) for w in ids]  # scored here, compared with llama.cpp below
+    ppl = perplexity(*stack(logits, ids))
     result = {"checked": bound is not None, "ppl": round(ppl, 3), "ppl_bound": bound, "num_parameters": params,
               "tokens": sum(len(w) for w in ids)}
     if bound is None:
@@ -90,7 +94,7 @@ def check(loaded, progress: Callable[[str], None] = lambda m: None, cross_check:
     if loaded.identity.get("source_format") == "gguf" and cross_check != "never":
         from . import llama_cpp_peer as llama_cpp
 
-        result["llama_cpp"] = llama_cpp.cross_check(loaded, ids, build=(cross_check == "always"), progress=progress)
+        result["llama_cpp"] = llama_cpp.cross_check(loaded, ids, logits, build=(cross_check == "always"), progress=progress)
     return result
 
 
