@@ -3,6 +3,8 @@ logits on the same GGUF (exporter/reference.py, exporter/llama_cpp_peer.py)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from exporter import reference
@@ -40,6 +42,27 @@ def smollm2():
     return load_model(None)
 
 
+@contextlib.contextmanager
+def altered(weight, change):
+    """``weight`` replaced by ``change(weight)`` for the block (the shared model is put back after)."""
+    import torch
+
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.copy_(change(saved))
+        yield
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+
+
+def scrambled_rows(weight):
+    import torch
+
+    return weight[torch.randperm(weight.shape[0], generator=torch.Generator().manual_seed(0))]
+
+
 @pytest.mark.slow
 def test_real_smollm2_reference_is_plausible(smollm2):
     result = reference.check(smollm2, cross_check="never")
@@ -49,18 +72,9 @@ def test_real_smollm2_reference_is_plausible(smollm2):
 @pytest.mark.slow
 def test_real_smollm2_with_scrambled_embeddings_is_refused(smollm2):
     """A conversion that scrambles the embedding rows (a tokenizer/vocab mismatch looks the same)."""
-    import torch
-
-    emb = smollm2.model.get_input_embeddings().weight
-    saved = emb.detach().clone()
-    try:
-        with torch.no_grad():
-            emb.copy_(saved[torch.randperm(saved.shape[0], generator=torch.Generator().manual_seed(0))])
+    with altered(smollm2.model.get_input_embeddings().weight, scrambled_rows):
         with pytest.raises(ImplausibleReference, match="implausible"):
             reference.check(smollm2, cross_check="never")
-    finally:
-        with torch.no_grad():
-            emb.copy_(saved)
 
 
 # llama.cpp is built once from the llama-cpp-python sdist (minutes of CPU, cached under the model
@@ -76,20 +90,11 @@ def test_real_smollm2_agrees_with_llama_cpp(smollm2):
 def test_real_smollm2_whose_weights_drifted_from_the_gguf_is_refused(smollm2):
     """Perplexity alone would pass this model (it still knows English); llama.cpp on the GGUF does not
     agree with it, so the export is refused."""
-    import torch
-
-    layer = smollm2.model.model.layers[3].mlp.down_proj.weight
-    saved = layer.detach().clone()
-    try:
-        with torch.no_grad():
-            layer.mul_(-1.0)
+    with altered(smollm2.model.model.layers[3].mlp.down_proj.weight, lambda w: -w):
         result = reference.check(smollm2, cross_check="never")
         assert result["checked"], result  # plausible on its own
         with pytest.raises(ImplausibleReference, match="disagrees with llama.cpp"):
             reference.check(smollm2, cross_check="always")
-    finally:
-        with torch.no_grad():
-            layer.copy_(saved)
 
 
 @pytest.mark.slow
@@ -98,20 +103,11 @@ def test_cli_refuses_a_broken_reference_before_any_export(smollm2, tmp_path):
     reason, before the export, and writes nothing."""
     import shutil
 
-    import torch
-
     from test_cli import run_cli
 
     folder = tmp_path / "scrambled"
-    emb = smollm2.model.get_input_embeddings().weight
-    saved = emb.detach().clone()
-    try:
-        with torch.no_grad():
-            emb.copy_(saved[torch.randperm(saved.shape[0], generator=torch.Generator().manual_seed(0))])
+    with altered(smollm2.model.get_input_embeddings().weight, scrambled_rows):
         smollm2.model.save_pretrained(folder)
-    finally:
-        with torch.no_grad():
-            emb.copy_(saved)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (smollm2.folder / name).exists():
             shutil.copy(smollm2.folder / name, folder / name)
