@@ -34,6 +34,26 @@ class DefaultToExport(click.Group):
             args = ["export", *args]
         return super().parse_args(ctx, args)
 
+    def format_help(self, ctx, formatter):
+        """The headline command first (usage, its main options, an example per target), then the commands."""
+        formatter.write_usage("slm-export", "--target TARGET [--model PATH] [--format F] [--recipe R] --out DIR")
+        formatter.write_usage("slm-export", "COMMAND [ARGS]...", prefix="   or: ")
+        self.format_help_text(ctx, formatter)
+        with formatter.section("Export (the default command; `slm-export export --help` lists every option)"):
+            formatter.write_dl([
+                ("--target", " | ".join(TARGET_CHOICES) + ": sets the default format and recipe"),
+                ("--out DIR", "the bundle folder to create (--force replaces it)"),
+                ("--model PATH", "HF folder, .gguf file or embedded name (default: the embedded SmolLM2-135M-Instruct)"),
+                ("--format F", " | ".join(FORMAT_CHOICES)),
+                ("--recipe R", " | ".join(RECIPE_CHOICES) + " (see `slm-export recipes`)"),
+            ])
+        with formatter.section("Examples (the default format and recipe of each target)"):
+            for t in (TARGETS.get(name) for name in TARGET_CHOICES):
+                command = f"slm-export --target {t.name} --out {t.name}-bundle"
+                formatter.write(f"{'':{formatter.current_indent}}{command:<48} # {t.default_format} "
+                                f"{t.default_recipe(t.default_format)}, {t.description.split(':')[0]}\n")
+        self.format_options(ctx, formatter)
+
 
 @click.group(cls=DefaultToExport, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="slm-export")
@@ -66,10 +86,11 @@ def cli():
 @click.option("--board", default=None, help="mcu: board profile whose flash/RAM budget applies (see targets/mcu.py).")
 @click.option("--cross-check", is_flag=True, help="Compare a GGUF's PyTorch reference with llama.cpp on the same file (builds llama.cpp once, minutes; used anyway when already built).")
 @click.option("--no-reference-check", is_flag=True, help="Skip the checks that the PyTorch reference is a working model (perplexity, llama.cpp).")
+@click.option("--verbose", is_flag=True, help="Show everything libraries print (known harmless noise included).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def export(target, out, model, fmt, recipe, calibration, force, no_gate, no_latency, max_context, group_size,
            prefill_lengths, decode_tokens, repeats, threads, cache_dir, trust_pickle, device_runner, device_serial,
-           board, cross_check, no_reference_check, debug):
+           board, cross_check, no_reference_check, verbose, debug):
     """Export a model for a target, check parity, measure latency, write a bundle."""
     from .pipeline import ExportRequest
 
@@ -81,7 +102,7 @@ def export(target, out, model, fmt, recipe, calibration, force, no_gate, no_late
                         device_runner=device_runner, device_serial=device_serial,
                         reference_check="never" if no_reference_check else "always" if cross_check else "auto",
                         extra={"board": board} if board else {})
-    _run_guarded(lambda: _export(req), debug)
+    _run_guarded(lambda: _export(req, verbose), debug)
 
 
 def _latency_table(title: str, latency: dict):
@@ -108,21 +129,24 @@ def _lengths(text: str) -> tuple[int, ...]:
     return values
 
 
-def _export(req) -> None:
+def _export(req, verbose: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
     from . import pipeline, report
-
-    console = Console(stderr=True)
-    start = time.perf_counter()
-
-    def progress(message: str) -> None:
-        console.print(f"[dim]{time.perf_counter() - start:7.1f}s[/dim] {message}")
+    from .loading import default_cache_dir
+    from .terminal import History, duration, open_terminal
 
     plan = pipeline.resolve(req)  # once: run() follows this plan, it does not resolve again
-    progress(f"target {plan.target.name}: format {plan.format}, recipe {plan.recipe}")
-    manifest = pipeline.run(req, progress, plan)
+    run_key = f"{req.model or 'smollm2-135m-instruct'} -> {plan.target.name} {plan.format} {plan.recipe}"
+    history = History((req.cache_dir or default_cache_dir()) / "timings.json", run_key)
+    terminal = open_terminal(verbose, history)
+    last = history.estimate("whole export")
+    terminal(f"target {plan.target.name}: format {plan.format}, recipe {plan.recipe}"
+             + (f"; the last run of this export on this machine took {duration(last)}" if last else ""))
+    with terminal.running():
+        manifest = pipeline.run(req, terminal, plan)
+        history.record("whole export", time.perf_counter() - terminal.start)
     out = Console()
     parity = manifest["parity"]
     table = Table(title=f"parity {plan.format} / {plan.recipe}: {'passed' if parity['passed'] else 'FAILED'}")
@@ -136,8 +160,71 @@ def _export(req) -> None:
                                  manifest["latency"]["latency"]))
     if manifest.get("device"):
         out.print(_latency_table("latency on the device", manifest["device"]["latency"]))
-    out.print(f"bundle written to {req.out} ({manifest['artifact']['bytes'] / 1e6:.1f} MB artifact); "
-              f"see {req.out / 'report.html'}")
+    out.print(_summary_table(manifest, req.out, time.perf_counter() - terminal.start))
+
+
+def _summary_table(manifest: dict, out: Path, seconds: float):
+    """The end of an export: what was written, whether it holds, how fast, what misses a budget."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from .terminal import duration
+
+    table = Table(title="summary", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for label, value in summary_rows(manifest, out, seconds, duration):
+        style = "red" if value.startswith(("FAILED", "missed")) else ""
+        table.add_row(label, Text(value, style=style))  # Text: model names and paths are not markup
+    return table
+
+
+def summary_rows(manifest: dict, out: Path, seconds: float, duration) -> list[tuple[str, str]]:
+    """(label, value) rows of the end-of-run summary (also what tests read)."""
+    from . import report
+
+    parity = manifest["parity"]
+    met = parity.get("metrics", {})
+    figures = [f"{label} {fmt.format(met[key])}" for key, label, fmt in (
+        ("top1_agreement", "top-1", "{:.3f}"), ("ppl_rel_change", "perplexity", "{:+.1%}"),
+        ("cosine_min", "min cosine", "{:.4f}"), ("label_agreement", "labels", "{:.3f}"),
+        ("accuracy_int8", "held-out accuracy", "{:.1%}")) if isinstance(met.get(key), (int, float))]
+    if "greedy_identical" in met:
+        figures.append("greedy identical" if met["greedy_identical"] else
+                       f"greedy differs from token {met.get('greedy_first_diff')}")
+    verdict = "passed" if parity["passed"] else "FAILED (kept with --no-gate): " + "; ".join(parity["failures"])
+    rows = [("bundle", f"{out}  (open {out / 'report.html'})"),
+            ("artifact", report.artifact_size(manifest) if manifest["model"].get("num_parameters") else
+             f"{manifest['artifact']['bytes'] / 1e6:.2f} MB"),
+            ("parity", f"{verdict}: {', '.join(figures)}" if figures else verdict)]
+    rows.append(("latency", _latency_summary(manifest)))
+    misses = manifest.get("budget_failures") or []
+    rows.append(("budgets", "missed on this machine (they apply on the device): " + "; ".join(misses) if misses
+                 else "all met" if manifest.get("latency") or "flash" in manifest else "not checked (no latency run)"))
+    rows.append(("took", duration(seconds)))
+    return rows
+
+
+def _latency_summary(manifest: dict) -> str:
+    """One line of latency: the device's when it ran there, else this host's, saying it is not the device."""
+    def figures(lat: dict) -> str:
+        parts = [f"{lat['decode_tok_s']:.1f} tok/s decode" if lat.get("decode_tok_s") else "",
+                 f"TTFT {lat['ttft_ms']:.0f} ms" if lat.get("ttft_ms") else "",
+                 f"encode {lat['encode_ms']:.1f} ms" if lat.get("encode_ms") else "",
+                 f"peak RSS {lat['peak_rss_mb']:.0f} MB" if lat.get("peak_rss_mb") else ""]
+        return ", ".join(p for p in parts if p)
+
+    if manifest.get("device"):
+        dev = manifest["device"].get("device", {})
+        return f"{figures(manifest['device']['latency'])} on the device ({dev.get('model') or dev.get('serial', '?')})"
+    latency = manifest.get("latency")
+    if not latency:
+        return "not measured (--no-latency)"
+    host = latency.get("device", {})
+    where = f"{host.get('hostname')}, {host.get('cpu') or host.get('machine')}"
+    if manifest["target"] == "host":
+        return f"{figures(latency['latency'])} on this machine ({where})"
+    return f"{figures(latency['latency'])} measured on this host ({where}), not on the {manifest['target']} device"
 
 
 @cli.command()

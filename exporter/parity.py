@@ -12,6 +12,7 @@ from typing import Callable
 
 import numpy as np
 
+from .progress import task
 from .recipes import get_recipe
 from .runtime import EncoderRunner, greedy_generate
 from .runtime.base import REFERENCE_FILE  # noqa: F401  (the pipeline writes it; runtime.main reads it)
@@ -114,21 +115,23 @@ def _causal_metrics(loaded, runner, window, max_windows, greedy_tokens, progress
         window = min(window, runner.max_context)
     windows = token_windows(loaded.tokenizer, eval_text(), window, max_windows)
     refs, arts, nexts = [], [], []
-    for i, ids in enumerate(windows):
-        progress(f"parity: window {i + 1}/{len(windows)} ({len(ids)} tokens)")
-        refs.append(reference_logits(loaded.model, ids))
-        arts.append(artifact_logits(runner, ids))
-        nexts.append(np.asarray(ids[1:] + [-1]))
+    with task(progress, f"validate: parity windows of {window} tokens (PyTorch and the artifact)",
+              total=len(windows)) as counted:
+        for ids in windows:
+            refs.append(reference_logits(loaded.model, ids))
+            arts.append(artifact_logits(runner, ids))
+            nexts.append(np.asarray(ids[1:] + [-1]))
+            counted.advance()
     ref, art, nxt = np.concatenate(refs), np.concatenate(arts), np.concatenate(nexts)
     keep = nxt >= 0  # the last position of each window has no known next token
     metrics = logit_metrics(ref, art)
     metrics.update({k: v for k, v in logit_metrics(ref[keep], art[keep], nxt[keep]).items() if k.startswith("ppl")})
     metrics["windows"] = len(windows)
-    progress(f"parity: greedy generation of {greedy_tokens} tokens")
     prompt = greedy_prompt(loaded.tokenizer)
     eos = runner.spec.get("eos_token_ids", [])
-    expected = reference_greedy(loaded.model, prompt, greedy_tokens, eos)
-    got = greedy_generate(runner, prompt, greedy_tokens, eos)
+    with task(progress, f"validate: greedy generation of {greedy_tokens} tokens on both sides"):
+        expected = reference_greedy(loaded.model, prompt, greedy_tokens, eos)
+        got = greedy_generate(runner, prompt, greedy_tokens, eos)
     first_diff = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b),
                       None if len(expected) == len(got) else min(len(expected), len(got)))
     metrics.update({

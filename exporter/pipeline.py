@@ -25,6 +25,7 @@ from . import bundle, latency, parity, reference, report
 from .errors import BudgetExceeded, ParityGateFailed, SlmExportError, UnsupportedRecipeError
 from .formats import ExportOptions, get_format
 from .loading import load_model
+from .progress import task
 from .recipes import get_recipe
 from .runtime import RUNTIME_SPEC, open_runner
 from .texts import calibration_texts, eval_text
@@ -214,8 +215,7 @@ def lm_check(ctx: Context) -> None:
 def lm_load(ctx: Context) -> None:
     """Load the model (HF folder, GGUF, embedded name) and refuse a kind / family the format cannot do."""
     req = ctx.req
-    with ctx.timed("load_s"):
-        ctx.progress(f"load: {req.model or 'embedded default smollm2-135m-instruct'}")
+    with ctx.timed("load_s"), task(ctx.progress, f"load: {req.model or 'embedded default smollm2-135m-instruct'}"):
         loaded = load_model(req.model, cache_dir=req.cache_dir, trust_pickle=req.trust_pickle)
         get_format(ctx.plan.format).check(loaded.kind, ctx.plan.recipe, loaded.family)
     ctx.model = loaded
@@ -264,14 +264,14 @@ def lm_measure(ctx: Context) -> None:
     """Latency on this machine (unless ``--no-latency``), and on the attached device with ``--runner``."""
     req, target = ctx.req, ctx.plan.target
     if req.measure:
-        with ctx.timed("measure_s"):
-            ctx.progress(f"measure: latency on this machine ({req.repeats} repeats, {req.decode_tokens} decode tokens)")
+        with ctx.timed("measure_s"), task(ctx.progress, f"measure: latency on this machine, 1 warm-up + "
+                                                         f"{req.repeats} repeats of {req.decode_tokens} decode tokens"):
             ctx.latency = latency.measure_on_host(ctx.staging, req.decode_tokens, req.repeats, threads=req.threads,
                                                   verify_files=False)
     device_result = None
     if req.device_runner:
-        with ctx.timed("device_s"):
-            ctx.progress(f"measure: on the attached {target.name} device with {req.device_runner}")
+        with ctx.timed("device_s"), task(ctx.progress, f"measure: on the attached {target.name} device with "
+                                                        f"{req.device_runner}"):
             device_result = target.on_device(ctx.staging, req.device_runner, req.device_serial, req.out.name,
                                              **req.extra.get("device_options", {}))
     ctx.sections["device"] = device_result

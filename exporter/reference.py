@@ -72,11 +72,16 @@ def check(loaded, progress: Callable[[str], None] = lambda m: None, cross_check:
         return {"checked": False, "why": "an encoder has no perplexity to check"}
     params = int(loaded.identity.get("num_parameters") or sum(p.numel() for p in loaded.model.parameters()))
     bound = perplexity_bound(params)
-    progress("reference: perplexity of the PyTorch model on the English eval text")
     from .parity import reference_logits
+    from .progress import task
 
     ids = windows(loaded.tokenizer)
-    logits = [reference_logits(loaded.model, w) for w in ids]  # scored here, compared with llama.cpp below
+    with task(progress, "reference: perplexity of the PyTorch model on the English eval text",
+              total=len(ids)) as counted:
+        logits = []  # scored here, compared with llama.cpp below
+        for w in ids:
+            logits.append(reference_logits(loaded.model, w))
+            counted.advance()
     ppl = perplexity(*stack(logits, ids))
     result = {"checked": bound is not None, "ppl": round(ppl, 3), "ppl_bound": bound, "num_parameters": params,
               "tokens": sum(len(w) for w in ids)}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from exporter.errors import ExportFailedError, condense
 from exporter.formats import Artifact, ExportOptions, Format, causal_lm_spec, encoder_output, encoder_spec, register
+from exporter.progress import task
 from exporter.runtime.spec import contract_fields
 
 MODEL_FILE = "model.onnx"
@@ -190,20 +191,20 @@ class OnnxFormat(Format):
 
         self.check(loaded.kind, recipe, loaded.family)
         fp32_path = out_dir / (MODEL_FILE if recipe == "fp32" else FP32_FILE)
-        options.progress("exporting ONNX graph (torch.onnx dynamo)")
         spec = onnx_spec(loaded, MODEL_FILE, recipe)
-        if loaded.kind == "causal-lm":
-            # int8 recipes quantize lm_head too (measured cost is small); int4 keeps it float, as
-            # 4-bit lm_head cost SmolLM2 a further 0.12 of top-1 agreement.
-            untie = recipe in ("int8-dynamic", "int8-static")
-            with untied_output_layer(loaded.model) if untie else contextlib.nullcontext():
-                export_causal_lm(loaded, fp32_path, spec)
-        else:
-            export_encoder(loaded, fp32_path, spec)
+        with task(options.progress, "export: ONNX graph (torch.onnx dynamo)"):
+            if loaded.kind == "causal-lm":
+                # int8 recipes quantize lm_head too (measured cost is small); int4 keeps it float, as
+                # 4-bit lm_head cost SmolLM2 a further 0.12 of top-1 agreement.
+                untie = recipe in ("int8-dynamic", "int8-static")
+                with untied_output_layer(loaded.model) if untie else contextlib.nullcontext():
+                    export_causal_lm(loaded, fp32_path, spec)
+            else:
+                export_encoder(loaded, fp32_path, spec)
         notes = []
         if recipe != "fp32":
-            options.progress(f"quantizing ONNX: {recipe}")
-            notes += onnx_quant.apply(recipe, fp32_path, out_dir / MODEL_FILE, loaded, options, spec)
+            with task(options.progress, f"export: quantizing ONNX ({recipe}, onnxruntime.quantization)"):
+                notes += onnx_quant.apply(recipe, fp32_path, out_dir / MODEL_FILE, loaded, options, spec)
             for leftover in out_dir.glob(FP32_FILE + "*"):
                 leftover.unlink()
         files = sorted(p.name for p in out_dir.iterdir() if p.name.startswith("model"))

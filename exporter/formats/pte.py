@@ -24,6 +24,7 @@ from pathlib import Path
 
 from exporter.errors import ExportFailedError, UnsupportedRecipeError, condense
 from exporter.formats import Artifact, ExportOptions, Format, causal_lm_spec, encoder_output, encoder_spec, register
+from exporter.progress import task
 from exporter.runtime.spec import contract_fields
 from exporter.texts import calibration_windows
 
@@ -159,9 +160,9 @@ def _build_causal(loaded, recipe: str, options: ExportOptions, out_dir: Path) ->
     check_recipe_inputs(recipe, options)
     max_seq_len = max_context - 1  # the seq dim must stay below the cache length to stay symbolic
     t0 = time.perf_counter()
-    options.progress(f"pte: preparing {recipe} model")
-    model = copy.deepcopy(loaded.model).eval()
-    model, skipped = _prepare(model, recipe, options.group_size, loaded.family)
+    with task(options.progress, f"export: preparing the {recipe} model for ExecuTorch"):
+        model = copy.deepcopy(loaded.model).eval()
+        model, skipped = _prepare(model, recipe, options.group_size, loaded.family)
     custom_sdpa = pte_attention.supported(loaded, max_context)
     if custom_sdpa:
         pte_attention.use_custom_sdpa(model)
@@ -174,23 +175,23 @@ def _build_causal(loaded, recipe: str, options: ExportOptions, out_dir: Path) ->
     seq = torch.export.Dim("seq", min=1, max=max_seq_len)
     example = (torch.zeros((1, 3), dtype=torch.long), torch.arange(3, dtype=torch.long))
     dynamic_shapes = ({1: seq}, {0: seq})
-    options.progress("pte: torch.export")
     with torch.no_grad():
         # Non-strict: several times faster than dynamo's strict tracing, same operators (see LLMForward).
-        with pte_layers.rotate_half_as_linear(model) if whole_layers else contextlib.nullcontext():
+        with task(options.progress, "export: torch.export"), \
+                pte_layers.rotate_half_as_linear(model) if whole_layers else contextlib.nullcontext():
             ep = _guard(lambda: torch.export.export(module, example, dynamic_shapes=dynamic_shapes, strict=False),
                         "torch.export", recipe)
         if recipe in pte_quant.PT2E_RECIPES:
-            options.progress(f"pte: {recipe} quantization")
-            calib = _causal_calibration(loaded, recipe, options, max_seq_len, example)
-            gm = _guard(lambda: pte_quant.pt2e_quantize(ep.module(), recipe, calib), "quantization", recipe)
-            ep = _guard(lambda: torch.export.export(gm, example, dynamic_shapes=dynamic_shapes, strict=False),
-                        "torch.export (quantized)", recipe)
+            with task(options.progress, f"export: {recipe} quantization (PT2E, calibrated)"):
+                calib = _causal_calibration(loaded, recipe, options, max_seq_len, example)
+                gm = _guard(lambda: pte_quant.pt2e_quantize(ep.module(), recipe, calib), "quantization", recipe)
+                ep = _guard(lambda: torch.export.export(gm, example, dynamic_shapes=dynamic_shapes, strict=False),
+                            "torch.export (quantized)", recipe)
 
     spec = causal_lm_spec(loaded, "pte", ARTIFACT, recipe, max_context=max_context, max_seq_len=max_seq_len)
     metadata = llm_metadata(loaded, spec, max_seq_len, max_context, custom_sdpa)
-    options.progress("pte: lowering to XNNPACK")
-    size, delegates = _lower_and_write(ep, recipe, metadata, out_dir / ARTIFACT)
+    with task(options.progress, "export: lowering to XNNPACK and writing the .pte"):
+        size, delegates = _lower_and_write(ep, recipe, metadata, out_dir / ARTIFACT)
     spec.update(contract_fields("pte", "causal-lm", spec["num_layers"], max_context))
     spec.update({
         "backend": "xnnpack",

