@@ -18,6 +18,11 @@ def esc(value) -> str:
     return html.escape(str(value), quote=True)
 
 
+# The verdict box at the top of a page (class "verdict pass" or "verdict fail"): what to read first.
+VERDICT_CSS = (".verdict{border:2px solid;border-radius:6px;padding:.4em 1em;margin:1em 0}.verdict h2{margin:.2em 0}"
+               ".verdict.pass{border-color:#070;background:#f2fbf2}.verdict.fail{border-color:#b00;background:#fdf2f2}")
+
+
 def page_head(title: str, width: str, css: str = "", cell_css: str = "") -> str:
     """The start of a page: doctype, charset, the escaped ``title`` and the shared stylesheet.
 
@@ -50,3 +55,14 @@ def figure_png(fig) -> str:
 def img(png: str, alt: str) -> str:
     """An ``<img>`` embedding a base64 PNG from ``figure_png``, so the page is one self-contained file."""
     return f"<img alt='{esc(alt)}' src='data:image/png;base64,{png}'>"
+
+
+def human_bytes(n) -> str:
+    """A byte count as people read it: "920 B", "13.7 kB", "213.8 MB", "1.50 GB" (decimal units)."""
+    n = float(n)
+    if abs(n) < 1000:
+        return f"{n:.0f} B"
+    for unit, scale in (("kB", 1e3), ("MB", 1e6)):
+        if abs(n) < 999.95 * scale:  # what would round to 1000.0 reads better in the next unit
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 1e9:.2f} GB"
