@@ -278,7 +278,7 @@ def size_plot(manifest: dict) -> str | None:
     return figure_png(fig)
 
 
-CSS = (".fail{color:#b00}.pass{color:#070}" + VERDICT_CSS + "th{text-align:left}.row{display:flex;gap:1.5em;align-items:flex-start}.row>table{flex:1}.verdict h2{margin:.2em 0}.note{color:#555}img{max-width:100%}small,.versions{color:#555;font-size:90%}")
+CSS = (".fail{color:#b00}.pass{color:#070}" + VERDICT_CSS + "th{text-align:left}.row{display:flex;gap:1.5em;align-items:flex-start}.row>.grow{flex:1}.grow>h3:first-child{margin-top:0}.verdict h2{margin:.2em 0}.note{color:#555}img{max-width:100%}small,.versions{color:#555;font-size:90%}")
 
 
 def table(header: tuple[str, ...], rows) -> str:
@@ -344,7 +344,7 @@ def summary_html(m: dict) -> str:
 
 def kv_table(rows) -> str:
     """A two-column table of (name, value) rows, names as row headers; escaped."""
-    return "<table>" + "".join(f"<tr><th>{esc(k)}<td>{esc(v)}" for k, v in rows) + "</table>"
+    return "<table class=grow>" + "".join(f"<tr><th>{esc(k)}<td>{esc(v)}" for k, v in rows) + "</table>"
 
 
 def size_img(m: dict) -> str:
@@ -354,22 +354,31 @@ def size_img(m: dict) -> str:
 
 
 def parity_html(m: dict) -> list[str]:
-    """The parity table with thresholds, the per-position plots, the greedy texts and the reference check."""
+    """The parity table with thresholds beside the greedy texts and the reference check, then the
+    per-position plots."""
     parity = m.get("parity")
     if not parity:
         return []
     met = parity["metrics"]
-    parts = ["<h2>Parity</h2>", table(("metric", "value", "threshold"), parity_rows(parity))]
+    parts = ["<h2>Parity</h2><div class=row>", table(("metric", "value", "threshold"), parity_rows(parity)),
+             "<div class=grow>", greedy_html(met, bool(parity.get("thresholds", {}).get("greedy_identical")))]
+    if m.get("reference"):
+        parts.append(f"<p><b>Reference check</b>: {esc(reference_line(m['reference']))}</p>")
+    parts.append("</div></div>")
     png = position_plot(met.get("per_position"))
     if png:
         parts += ["<h3>Along the text</h3>", img(png, "per-position logit error and top-1 agreement")]
-    if "greedy_reference_text" in met:
-        cls = "pass" if met.get("greedy_identical") else "fail"
-        parts += [f"<h3>Greedy generation</h3><p class={cls}>{esc(greedy_line(met))}.</p>",
-                  table(("", "text"), (("PyTorch", met["greedy_reference_text"]), ("artifact", met["greedy_artifact_text"])))]
-    if m.get("reference"):
-        parts.append(f"<p><b>Reference check</b>: {esc(reference_line(m['reference']))}</p>")
     return parts
+
+
+def greedy_html(met: dict, gated: bool) -> str:
+    """The greedy counts and both sides' texts ("" for an encoder or a classifier); a difference is shown
+    as a failure only when the recipe (``gated``) requires identical tokens."""
+    if "greedy_reference_text" not in met:
+        return ""
+    cls = "pass" if met.get("greedy_identical") else "fail" if gated else "note"
+    rows = (("PyTorch", met["greedy_reference_text"]), ("artifact", met["greedy_artifact_text"]))
+    return f"<h3>Greedy generation</h3><p class={cls}>{esc(greedy_line(met))}.</p>{kv_table(rows)}"
 
 
 def latency_html(title: str, lat: dict, plot_title: str) -> list[str]:

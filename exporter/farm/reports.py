@@ -14,7 +14,7 @@ from .farmfile import Farm
 from .results import BundleRun, DeviceReport
 
 STATUS_CSS = (".failed,.error,.down{color:#b00}.passed{color:#070}.skipped{color:#777}"
-              ".interrupted{color:#a60}" + VERDICT_CSS)
+              ".interrupted{color:#a60}.row{display:flex;gap:1.5em;flex-wrap:wrap}img{max-width:100%}" + VERDICT_CSS)
 PLOTS = (("latency", "per-token latency by device and format"), ("size_parity", "size vs parity error"))
 
 
@@ -141,7 +141,8 @@ def html_report(reports: list[DeviceReport], farm: Farm | None = None) -> str:
     parts += _verdict(reports)
     parts += ["<h2>Runs</h2>"] + _summary_table(reports)
     plots = _plots(reports)
-    parts += [f"<h2>{alt}</h2>{img(plots[key], alt)}" for key, alt in PLOTS if key in plots]
+    parts += ["<div class=row>"] + [f"<div><h2>{alt}</h2>{img(plots[key], alt)}</div>"
+                                     for key, alt in PLOTS if key in plots] + ["</div>"]
     for r in reports:
         parts += _device_section(r)
     return "\n".join(parts)
@@ -165,8 +166,13 @@ def _verdict(reports: list[DeviceReport]) -> list[str]:
 
 def _failed_checks(r: DeviceReport) -> list[str]:
     """"<bundle> <check>: <message>" of each check of ``r`` that did not pass or get skipped (messages cut short)."""
-    return [f"{prefix} {c.name}".strip() + (f": {c.message[:160]}" if c.message else "")
+    return [f"{prefix} {c.name}".strip() + (f": {_cut(c.message, 200)}" if c.message else "")
             for prefix, c in r.all_checks() if c.status not in ("passed", "skipped")]
+
+
+def _cut(text: str, n: int) -> str:
+    """``text`` cut to ``n`` characters, with an ellipsis when it was longer (the device's section has it all)."""
+    return text if len(text) <= n else text[:n].rstrip() + "…"
 
 
 def _runtime_cell(run: BundleRun) -> str:
