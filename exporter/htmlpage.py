@@ -1,5 +1,5 @@
 """The HTML pages slm-export writes (bundle report.html, bench.html, the farm report): one skeleton,
-one escaping rule and one way to embed a plot.
+one escaping rule, one way to embed a plot, one verdict box and one way to write a size.
 
 Named htmlpage, not html: a script run from this folder would otherwise shadow the standard
 library's ``html`` (which ``http.server`` and others import).
