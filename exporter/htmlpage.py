@@ -1,5 +1,5 @@
 """The HTML pages slm-export writes (bundle report.html, bench.html, the farm report): one skeleton,
-one escaping rule and one way to embed a plot.
+one escaping rule, one way to embed a plot, one verdict box and one way to write a size.
 
 Named htmlpage, not html: a script run from this folder would otherwise shadow the standard
 library's ``html`` (which ``http.server`` and others import).
@@ -16,6 +16,11 @@ def esc(value) -> str:
     """``value`` as HTML text; quotes too, so it is safe inside an attribute. Every value that comes
     from a model, a bundle, a device or a farm file goes through here (they are untrusted input)."""
     return html.escape(str(value), quote=True)
+
+
+# The verdict box at the top of a page (class "verdict pass" or "verdict fail"): what to read first.
+VERDICT_CSS = (".verdict{border:2px solid;border-radius:6px;padding:.4em 1em;margin:1em 0}.verdict h2{margin:.2em 0}"
+               ".verdict.pass{border-color:#070;background:#f2fbf2}.verdict.fail{border-color:#b00;background:#fdf2f2}")
 
 
 def page_head(title: str, width: str, css: str = "", cell_css: str = "") -> str:
@@ -50,3 +55,14 @@ def figure_png(fig) -> str:
 def img(png: str, alt: str) -> str:
     """An ``<img>`` embedding a base64 PNG from ``figure_png``, so the page is one self-contained file."""
     return f"<img alt='{esc(alt)}' src='data:image/png;base64,{png}'>"
+
+
+def human_bytes(n) -> str:
+    """A byte count as people read it: "920 B", "13.7 kB", "213.8 MB", "1.50 GB" (decimal units)."""
+    n = float(n)
+    if abs(n) < 1000:
+        return f"{n:.0f} B"
+    for unit, scale in (("kB", 1e3), ("MB", 1e6)):
+        if abs(n) < 999.95 * scale:  # what would round to 1000.0 reads better in the next unit
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 1e9:.2f} GB"

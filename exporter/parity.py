@@ -127,6 +127,7 @@ def _causal_metrics(loaded, runner, window, max_windows, greedy_tokens, progress
     metrics = logit_metrics(ref, art)
     metrics.update({k: v for k, v in logit_metrics(ref[keep], art[keep], nxt[keep]).items() if k.startswith("ppl")})
     metrics["windows"] = len(windows)
+    metrics["per_position"] = per_position(refs, arts)
     prompt = greedy_prompt(loaded.tokenizer)
     eos = runner.spec.get("eos_token_ids", [])
     with task(progress, f"validate: greedy generation of {greedy_tokens} tokens on both sides"):
@@ -136,12 +137,39 @@ def _causal_metrics(loaded, runner, window, max_windows, greedy_tokens, progress
                       None if len(expected) == len(got) else min(len(expected), len(got)))
     metrics.update({
         "greedy_tokens": len(expected),
+        "greedy_requested": greedy_tokens,  # greedy_tokens is fewer when PyTorch stopped at an end-of-sequence token
         "greedy_identical": first_diff is None,
         "greedy_first_diff": first_diff,
         "greedy_reference_text": loaded.tokenizer.decode(expected, skip_special_tokens=True),
         "greedy_artifact_text": loaded.tokenizer.decode(got, skip_special_tokens=True),
     })
     return metrics
+
+
+POSITION_BUCKETS = 16
+
+
+def per_position(refs: list[np.ndarray], arts: list[np.ndarray], buckets: int = POSITION_BUCKETS) -> dict:
+    """Mean |logit error| and top-1 agreement by position along the windows, in ``buckets`` buckets.
+
+    Position i of every window falls in the same bucket, so the figures show where along a sequence
+    the artifact drifts (the KV-cache decode half versus the prefill half, long-context error growth);
+    a few dozen floats, small enough for the manifest. ``prefill`` is where the decode half starts.
+    """
+    longest = max(len(r) for r in refs)
+    size = -(-longest // buckets)  # ceil: at most ``buckets`` buckets
+    err_sum, agree_sum, count = (np.zeros(buckets) for _ in range(3))
+    for ref, art in zip(refs, arts):
+        bucket = np.arange(len(ref)) // size
+        err = np.abs(ref.astype(np.float32) - art.astype(np.float32)).mean(-1)
+        np.add.at(err_sum, bucket, err)
+        np.add.at(agree_sum, bucket, ref.argmax(-1) == art.argmax(-1))
+        np.add.at(count, bucket, 1)
+    used = count > 0
+    return {"bucket_tokens": int(size), "start": [int(i * size) for i in np.flatnonzero(used)],
+            "mean_abs_err": [round(float(x), 5) for x in err_sum[used] / count[used]],
+            "top1_agreement": [round(float(x), 4) for x in agree_sum[used] / count[used]],
+            "prefill": max(1, len(refs[0]) // 2)}  # artifact_logits' split of the first window
 
 
 # A classifier is judged on its decisions over many short texts (sentence-sized windows of the eval

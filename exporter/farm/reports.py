@@ -9,12 +9,12 @@ import time
 from pathlib import Path
 
 from ..errors import SlmExportError
-from ..htmlpage import esc, figure_png, img, page_head, pyplot
+from ..htmlpage import VERDICT_CSS, esc, figure_png, img, page_head, pyplot
 from .farmfile import Farm
 from .results import BundleRun, DeviceReport
 
 STATUS_CSS = (".failed,.error,.down{color:#b00}.passed{color:#070}.skipped{color:#777}"
-              ".interrupted{color:#a60}")
+              ".interrupted{color:#a60}.row{display:flex;gap:1.5em;flex-wrap:wrap}img{max-width:100%}" + VERDICT_CSS)
 PLOTS = (("latency", "per-token latency by device and format"), ("size_parity", "size vs parity error"))
 
 
@@ -130,19 +130,49 @@ def _size_parity_plot(reports: list[DeviceReport]) -> str | None:
 
 
 def html_report(reports: list[DeviceReport], farm: Farm | None = None) -> str:
-    """One HTML page: summary per device, each check, and the two plots.
+    """One HTML page: the verdict with one row per device, a row per device and bundle run, the two plots
+    and each device's checks.
 
     Every value from a device (probe, runner output), a bundle or the farm file is escaped: a
     bundle is untrusted input, and a hostname such as ``<script>`` must stay text.
     """
     parts = [page_head("slm-export farm", width="70em", css=STATUS_CSS, cell_css=";vertical-align:top"),
              f"<h1>Device farm{': ' + esc(farm.path) if farm else ''}</h1>"]
-    parts += _summary_table(reports)
+    parts += _verdict(reports)
+    parts += ["<h2>Runs</h2>"] + _summary_table(reports)
     plots = _plots(reports)
-    parts += [f"<h2>{alt}</h2>{img(plots[key], alt)}" for key, alt in PLOTS if key in plots]
+    parts += ["<div class=row>"] + [f"<div><h2>{alt}</h2>{img(plots[key], alt)}</div>"
+                                     for key, alt in PLOTS if key in plots] + ["</div>"]
     for r in reports:
         parts += _device_section(r)
     return "\n".join(parts)
+
+
+def _verdict(reports: list[DeviceReport]) -> list[str]:
+    """The box at the top: passed only when every device passed; one row per device with its verdict and why."""
+    bad = [r for r in reports if r.status != "passed"]
+    counts = ", ".join(f"{n} {s}" for s in ("passed", "failed", "down", "interrupted")
+                       if (n := sum(r.status == s for r in reports)))
+    word = "passed" if reports and not bad else "FAILED" if reports else "no devices"
+    parts = [(f"<div class='verdict {'fail' if bad or not reports else 'pass'}'><h2>Verdict: {word}</h2>"
+             f"<p>{len(reports)} device{'s' if len(reports) != 1 else ''}: {esc(counts)}</p>"),
+             "<table><tr><th>device<th>target<th>verdict<th>why"]
+    for r in reports:
+        why = "; ".join(_failed_checks(r)) or r.reason or "every check passed"
+        parts.append(f"<tr><td>{esc(r.name)}<td>{esc(r.target)}<td class='{esc(r.status)}'>{esc(r.status)}"
+                     f"<td>{esc(why)}")
+    return parts + ["</table></div>"]
+
+
+def _failed_checks(r: DeviceReport) -> list[str]:
+    """"<bundle> <check>: <message>" of each check of ``r`` that did not pass or get skipped (messages cut short)."""
+    return [f"{prefix} {c.name}".strip() + (f": {_cut(c.message, 200)}" if c.message else "")
+            for prefix, c in r.all_checks() if c.status not in ("passed", "skipped")]
+
+
+def _cut(text: str, n: int) -> str:
+    """``text`` cut to ``n`` characters, with an ellipsis when it was longer (the device's section has it all)."""
+    return text if len(text) <= n else text[:n].rstrip() + "…"
 
 
 def _runtime_cell(run: BundleRun) -> str:
@@ -155,8 +185,8 @@ def _num(value, fmt: str) -> str:
 
 def _summary_table(reports: list[DeviceReport]) -> list[str]:
     """One row per device and bundle run (one per device that ran nothing)."""
-    parts = ["<table><tr><th>device<th>target<th>reached as<th>status<th>runtime<th>decode tok/s<th>TTFT ms"
-             "<th>peak RSS MB<th>max |logit err|<th>top-1<th>reason"]
+    parts = [("<table><tr><th>device<th>target<th>reached as<th>status<th>runtime<th>decode tok/s<th>TTFT ms"
+             "<th>peak RSS MB<th>max |logit err|<th>top-1<th>reason")]
     for r in reports:
         for run in [run for run in r.runs if run.result] or [None]:
             lat = run.result["latency"] if run else {}
