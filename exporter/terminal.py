@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 HEARTBEAT_S = 30.0
+HEARTBEAT_POLL_S = 5.0  # how often the heartbeat thread looks at the running tasks
 QUIET_S = 10.0  # in a log: count lines at most this often, and no "done" line for a task shorter than this
 
 # Known noise of the pinned toolchain, matched per line (each with why it is harmless). Only these go;
@@ -62,6 +63,8 @@ class History:
     the task's description; a missing or unreadable file just means no estimates yet.
     """
 
+    MAX_ENTRIES = 400  # every model path and recipe adds a few; tests export many temporary models
+
     def __init__(self, path: Path | None, run_key: str):
         self.path, self.run_key = path, run_key
         self._data: dict = {}
@@ -78,7 +81,11 @@ class History:
         return float(value) if isinstance(value, (int, float)) else None
 
     def record(self, description: str, seconds: float) -> None:
-        self._data[self._key(description)] = round(seconds, 1)
+        key = self._key(description)
+        self._data.pop(key, None)  # re-inserted last: the file keeps the most recent MAX_ENTRIES
+        self._data[key] = round(seconds, 1)
+        while len(self._data) > self.MAX_ENTRIES:
+            self._data.pop(next(iter(self._data)))
 
     def save(self) -> None:
         """Write the file atomically (a second run at the same time must not read half a file)."""
@@ -87,7 +94,7 @@ class History:
         with contextlib.suppress(OSError):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self._data, indent=1, sort_keys=True))
+            tmp.write_text(json.dumps(self._data, indent=1))  # insertion order: oldest first
             os.replace(tmp, self.path)
 
 
@@ -219,7 +226,7 @@ class Terminal:
     @contextlib.contextmanager
     def _heartbeats(self) -> Iterator[None]:
         def beat():
-            while not self._stop.wait(5.0):
+            while not self._stop.wait(HEARTBEAT_POLL_S):
                 for t in list(self._plain_tasks):
                     t.heartbeat()
 
@@ -230,7 +237,7 @@ class Terminal:
             yield
         finally:
             self._stop.set()
-            thread.join(timeout=6)
+            thread.join(timeout=HEARTBEAT_POLL_S + 1)
 
 
 def _live_progress(console):

@@ -314,6 +314,7 @@ def test_cli_device_android_runs_the_runner(fake_adb, tmp_path):
     assert missing.exit_code != 0 and "runner" in missing.output and "Traceback" not in missing.output
 
 
+@pytest.mark.slow
 def test_export_with_runner_runs_on_the_phone_and_reports_it(fake_adb, tiny_model_dir, tmp_path):
     """`slm-export --target android --runner PATH`: the staged bundle is pushed and run before it is
     published; the device figures land in the manifest and report next to the host ones."""

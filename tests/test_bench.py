@@ -26,6 +26,7 @@ def onnx_bundles(tiny_model_dir, tmp_path_factory):
     return made
 
 
+@pytest.mark.slow
 def test_bench_against_eager_writes_every_output(onnx_bundles, tiny_model_dir, tmp_path):
     out = tmp_path / "bench"
     proc = run_cli("bench", onnx_bundles["fp32"], onnx_bundles["int8-dynamic"], "--model", tiny_model_dir("llama"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -54,6 +55,22 @@ def test_rpi_bundle_is_complete_and_self_describing(rpi_bundle):
     assert f"{size / fp32:.2f}x the {fp32 / 1e6:.1f} MB of fp32 weights" in report
     assert "parity onnx / int8-dynamic: passed" in proc.stdout
     assert not list(out.parent.glob(".rpi.partial-*"))
+
+
+def test_export_output_reads_well_in_a_log(rpi_bundle):
+    """Into a pipe: timestamped stage lines, no control codes or \\r bars, none of the known library
+    noise, and the summary a person acts on (on stdout, after the tables)."""
+    from exporter.terminal import is_noise
+
+    _, proc = rpi_bundle
+    assert "\r" not in proc.stderr and "\x1b[" not in proc.stderr
+    assert not [line for line in proc.stderr.splitlines() if is_noise(line)]
+    for stage in ("load: ", "export: ONNX graph", "validate: parity windows", "measure: latency"):
+        assert re.search(rf"^ +\d+\.\ds {stage}", proc.stderr, re.M), stage
+    summary = " ".join(proc.stdout.split("summary", 1)[1].split())
+    for label in ("bundle", "artifact", "parity", "latency", "budgets", "took"):
+        assert label in summary, label
+    assert "fp32 weights" in summary and "passed" in summary and "tok/s decode" in summary
 
 
 def test_manifest_hashes_match_files(rpi_bundle):
@@ -146,6 +163,7 @@ def test_debug_shows_traceback(tmp_path):
     assert proc.returncode != 0 and "Traceback" in proc.stderr
 
 
+@pytest.mark.slow
 def test_parity_gate_failure_writes_nothing(tiny_loaded, tmp_path, monkeypatch):
     """A recipe whose thresholds cannot hold fails with a table naming the metric, and publishes nothing."""
     from exporter import pipeline, recipes

@@ -143,6 +143,7 @@ def test_farm_file_needs_a_known_board(tmp_path):
         load_farm(farm)
 
 
+@pytest.mark.slow
 def test_unbuilt_board_is_down_with_the_build_command(tmp_path, monkeypatch, tiny_bundles):
     _need_qemu()
     monkeypatch.setenv("SLM_EXPORT_CACHE", str(tmp_path / "empty"))
@@ -154,6 +155,7 @@ def test_unbuilt_board_is_down_with_the_build_command(tmp_path, monkeypatch, tin
         emulate.load_board("pi5", tmp_path / "empty")
 
 
+@pytest.mark.slow
 def test_host_and_emulated_boards_in_one_farm_run(board_cache, tiny_bundles, tmp_path):
     """The same tiny ONNX and TFLite int8-dynamic bundles on this machine, the emulated Pi 5 and the
     emulated Armv9 phone (TFLite only: the android target does not run ONNX)."""

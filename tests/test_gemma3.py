@@ -73,6 +73,7 @@ def test_the_tiny_config_exercises_the_window(tiny_loaded):
     assert np.abs(hf_logits(unwindowed, ids) - hf_logits(loaded.model, ids))[8:].max() > 0.1
 
 
+@pytest.mark.slow
 def test_onnx_past_the_sliding_window(tiny_loaded, tmp_path):
     loaded = tiny_loaded(ARCH)
     runner = bundle("onnx", loaded, tmp_path)
@@ -81,6 +82,7 @@ def test_onnx_past_the_sliding_window(tiny_loaded, tmp_path):
     assert {p.shape[2] for p in runner.past} == {runner.position}
 
 
+@pytest.mark.slow
 def test_tflite_past_the_sliding_window(tiny_loaded, tmp_path):
     loaded = tiny_loaded(ARCH)
     runner = bundle("tflite", loaded, tmp_path, max_context=64, prefill_lengths=(8, 16))

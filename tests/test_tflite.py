@@ -64,7 +64,7 @@ def hf_logits(loaded, ids) -> np.ndarray:
 # ---------------------------------------------------------------- fp32 conversion and the runner
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", pytest.param("gpt2", marks=pytest.mark.slow)])
 def test_fp32_matches_pytorch_with_chunked_prefill(build, tiny_loaded, arch):
     runner = runner_for(build, arch, "fp32")
     assert runner.runtime_name == "ai-edge-litert" and runner.runtime_version

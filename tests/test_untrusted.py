@@ -293,6 +293,7 @@ def test_a_huge_calibration_file_is_read_up_to_its_bound(tmp_path):
 # ---------------------------------------------------------------- 10. one export per --out at a time
 
 
+@pytest.mark.slow
 def test_second_export_to_the_same_out_fails_at_once(tiny_model_dir, tmp_path):
     out = tmp_path / "b"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -364,6 +365,7 @@ def test_interrupt_during_publish_keeps_one_whole_bundle(tmp_path, monkeypatch):
     assert (out / "new.txt").read_text() == "new" and not list(tmp_path.glob(".b.old-*"))
 
 
+@pytest.mark.slow
 def test_leftovers_are_swept_and_bundle_published_with_the_usual_mode(tiny_model_dir, tmp_path):
     stale = tmp_path / ".b.partial-12345-abcd"
     stale.mkdir()
