@@ -115,6 +115,7 @@ def cross_check(loaded, windows: list[list[int]], ours: list[np.ndarray], build:
     Returns the figures; raises ImplausibleReference when they disagree. When llama.cpp is not built
     and ``build`` is false, returns ``{"checked": False, "why": ...}`` without building.
     """
+    from .progress import task
     from .reference import ImplausibleReference, compare_logits, stack
     from .texts import eval_text
 
@@ -122,9 +123,9 @@ def cross_check(loaded, windows: list[list[int]], ours: list[np.ndarray], build:
     if not build and not is_built(cache_dir):
         return {"checked": False, "why": "llama.cpp is not built here (--cross-check builds it once)"}
     python = ensure_environment(cache_dir, progress)
-    progress(f"reference: llama.cpp {VERSION} on {gguf.name} ({len(windows)} windows)")
     text = " ".join(eval_text().split()[:200])
-    theirs = run_worker(python, gguf, windows, text)
+    with task(progress, f"reference: llama.cpp {VERSION} on {gguf.name} ({len(windows)} windows)"):
+        theirs = run_worker(python, gguf, windows, text)
     ref, next_ids = stack(ours, windows)
     other, _ = stack(theirs["logits"], windows)
     keep = next_ids >= 0
