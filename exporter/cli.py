@@ -468,16 +468,17 @@ def _distill(intents, epochs, retrain, cache_dir) -> None:
     from .loading import default_cache_dir
     from .mcu import data as mcu_data
     from .mcu import distill as mcu_distill
+    from .terminal import History, open_terminal
 
     known = mcu_data.all_templates()
     unknown = [i for i in intents or [] if i not in known]
     if unknown:
         raise SlmExportError(f"unknown intent(s): {', '.join(unknown)}", hint=f"known: {', '.join(sorted(known))}")
-    console = Console(stderr=True)
-    start = time.perf_counter()
+    terminal = open_terminal(history=History((cache_dir or default_cache_dir()) / "timings.json", "distill"))
     cfg = mcu_distill.StudentConfig(intents=intents, **({"epochs": epochs} if epochs else {}))
-    d, folder, _ = mcu_distill.get_or_train(cfg, cache_dir or default_cache_dir(), retrain=retrain,
-                                           progress=lambda m: console.print(f"[dim]{time.perf_counter() - start:7.1f}s[/dim] {m}"))
+    with terminal.running():
+        d, folder, _ = mcu_distill.get_or_train(cfg, cache_dir or default_cache_dir(), retrain=retrain,
+                                               progress=terminal)
     table = Table(title=f"held-out accuracy ({d.figures['test_examples']} commands, {d.figures['intents']} intents)")
     table.add_column("model")
     table.add_column("accuracy")
@@ -508,19 +509,19 @@ def bench(bundles, out, model, no_eager, optimum, optimum_python, rounds, decode
 
 
 def _bench(bundles, out, model, no_eager, optimum, optimum_python, rounds, decode_tokens, prompt_tokens, threads):
-    from rich.console import Console
-
     from . import bench as bench_mod
     from .errors import SlmExportError
+    from .terminal import open_terminal
 
     if optimum and not optimum_python:
         raise SlmExportError("--optimum needs --optimum-python (optimum-onnx cannot share this environment)",
                              hint="python benchmarks/optimum_peer.py builds that venv and runs the whole comparison")
-    console = Console(stderr=True)
-    result = bench_mod.bench(list(bundles), out, model=model, eager=not no_eager,
-                             optimum=(optimum, optimum_python) if optimum else None, rounds=rounds,
-                             decode_tokens=decode_tokens, prompt_tokens=prompt_tokens, threads=threads,
-                             progress=lambda msg: console.print(f"[dim]bench:[/dim] {msg}"))
+    terminal = open_terminal()
+    with terminal.running():
+        result = bench_mod.bench(list(bundles), out, model=model, eager=not no_eager,
+                                 optimum=(optimum, optimum_python) if optimum else None, rounds=rounds,
+                                 decode_tokens=decode_tokens, prompt_tokens=prompt_tokens, threads=threads,
+                                 progress=lambda msg: terminal(f"bench: {msg}"))
     click.echo(bench_mod.markdown(result))
     click.echo(f"wrote {out}/bench.md, bench.csv, bench.json, bench.html")
 

@@ -245,7 +245,10 @@ def _live_progress(console):
 
     return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TextColumn("[dim]{task.fields[hint]}"), console=console,
-                    transient=True, refresh_per_second=4)
+                    transient=True, refresh_per_second=4,
+                    # Not rich's own stdout/stderr proxies: what Python code prints must reach the
+                    # descriptors, where library_output filters it with what C++ code prints.
+                    redirect_stdout=False, redirect_stderr=False)
 
 
 def open_terminal(verbose: bool = False, history: History | None = None) -> Terminal:

@@ -60,6 +60,38 @@ def test_known_noise_is_dropped_and_real_output_kept():
     assert proc.stderr == "" and all(terminal.is_noise(k) is False for k in kept)
 
 
+LIVE_SCRIPT = textwrap.dedent("""
+    import os, sys, warnings
+    from rich.console import Console
+    from exporter.progress import task
+    from exporter.terminal import Terminal
+    screen = open(sys.argv[1], "w")
+    term = Terminal(Console(file=screen, force_terminal=True, width=200))
+    assert term.live
+    with term.running(), task(term, "export: ONNX graph"):
+        warnings.warn_explicit("Mutation on a buffer in the KV cache", UserWarning, "lib.py", 7,
+                               module_globals={"__name__": "lib"})
+        print("Please consider to run pre-processing before quantization.")
+        os.write(2, b"[cpuinfo_utils.cpp:71] Failed to open midr file\\n")
+        print("a real message on stdout")
+        warnings.warn_explicit("something the user must see", UserWarning, "lib.py", 9)
+    screen.close()
+""")
+
+
+def test_live_bars_do_not_let_python_output_past_the_filter(tmp_path):
+    """With rich's live display on a terminal, Python's prints and warnings still go through the filter."""
+    screen = tmp_path / "screen.txt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "always"}
+    proc = subprocess.run([sys.executable, "-c", LIVE_SCRIPT, str(screen)], capture_output=True, text=True,
+                          env=env, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    shown = screen.read_text()
+    assert "a real message on stdout" in shown and "something the user must see" in shown
+    assert "Mutation on a buffer" not in shown and "pre-processing" not in shown and "midr" not in shown
+    assert proc.stdout == "" and proc.stderr == ""
+
+
 def test_every_noise_pattern_matches_what_the_libraries_print():
     """The messages as the pinned libraries print them (copied from real runs) are each caught."""
     real = [
