@@ -53,6 +53,7 @@ def test_bench_against_eager_writes_every_output(onnx_bundles, tiny_model_dir, t
     assert "data:image/png;base64," in (out / "bench.html").read_text()
 
 
+@pytest.mark.slow
 def test_worker_measures_any_runner_with_the_same_protocol(onnx_bundles, tiny_loaded, tmp_path):
     """The worker loop answers latency and parity for a bundle runner; parity of a runner against
     a reference made from another model's logits must show the mismatch (the check can fail)."""
@@ -76,6 +77,7 @@ def test_worker_measures_any_runner_with_the_same_protocol(onnx_bundles, tiny_lo
     assert latency["decode_tokens"] == 4 and latency["decode_tok_s"] > 0 and stop["peak_rss_mb"] > 0
 
 
+@pytest.mark.slow
 def test_broken_contender_is_one_clear_error(onnx_bundles, tiny_model_dir, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()

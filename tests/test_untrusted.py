@@ -390,6 +390,7 @@ def test_out_that_is_not_utf8_is_refused(tiny_model_dir, tmp_path):
     assert "not a valid UTF-8 name" in one_error_line(proc)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="mounting a small tmpfs needs root")
 def test_full_disk_is_one_clear_error(tiny_model_dir, tmp_path):
     disk = tmp_path / "disk"
