@@ -167,7 +167,9 @@ _add(Recipe(
         # 8-bit MatMulNBits: int8 weights per block of --group-size, activations quantized per block of
         # the same size at run time (accuracy_level 4, int8 compute; the Q8_0 scheme), which holds the
         # down projections' outliers that one per-tensor scale (MatMulInteger, before) could not.
-        "onnx": (Rule("embed", "int8", why="int8 embedding table (Gather)"),
+        # The embedding: quantize_dynamic's int8 Gather, which in fact scales the table per tensor (the
+        # vocabulary has no "tensor" granularity); measured SmolLM2 top-1 0.940 with it, 0.938 float.
+        "onnx": (Rule("embed", "int8", why="int8 embedding table (Gather; onnxruntime: one scale per table)"),
                  Rule("*", "int8", "group", "dynamic", _ONNX_Q8)),
         "*": (Rule("*", "int8", "channel", "dynamic"),),
     },
