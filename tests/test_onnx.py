@@ -15,7 +15,7 @@ from exporter.texts import calibration_texts
 
 # Ops that prove the quantizer really rewrote the graph (a silent no-op would still "pass" parity).
 EXPECTED_OPS = {
-    "int8-dynamic": {"DynamicQuantizeMatMul", "MatMulInteger", "DynamicQuantizeLinear"},
+    "int8-dynamic": {"MatMulNBits"},
     "int8-static": {"QuantizeLinear", "DequantizeLinear"},
     "int4-weight": {"MatMulNBits"},
 }
@@ -55,19 +55,43 @@ def test_recipe_passes_parity_gate(llama_bundles, tiny_loaded, recipe):
 def test_quantized_artifacts_are_smaller(llama_bundles):
     size = {r: (f / "model.onnx").stat().st_size for r, (_, f) in llama_bundles.items()}
     assert size["fp16"] < 0.8 * size["fp32"]  # tiny model: norms, rotary tables stay fp32
-    # Tiny model: the MLP output projections stay float (outliers), so the ratio is far from 4x.
-    assert size["int8-dynamic"] < 0.8 * size["fp32"]  # tiny: scales dominate; SmolLM2: 0.26 (143 of 540 MB)
+    assert size["int8-dynamic"] < 0.8 * size["fp32"]  # tiny: scales dominate
     assert size["int4-weight"] < 0.8 * size["fp32"]  # tiny: the float tied embedding dominates
 
 
-def test_outlier_projections_stay_float(llama_bundles):
-    """int8-dynamic: every linear layer has int8 weights; mlp.down_proj keeps float activations."""
+def test_int8_dynamic_is_blockwise_8bit_matmulnbits(llama_bundles):
+    """int8-dynamic: every linear (q, k, v, o, gate, up, down per layer and the untied lm_head) is an
+    8-bit MatMulNBits with int8 compute (accuracy_level 4: activations quantized per block, not per
+    tensor); no per-tensor MatMulInteger is left, and the embedding table is int8."""
     graph = onnx.load(str(llama_bundles["int8-dynamic"][1] / "model.onnx")).graph
-    int8_matmuls = [n for n in graph.node if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")]
-    weight_only = [n for n in graph.node if n.op_type == "MatMulNBits"]
-    assert len(int8_matmuls) == 2 * 6 + 1  # q, k, v, o, gate, up per layer + lm_head
-    assert len(weight_only) == 2  # the down projections
-    assert all(next(a.i for a in n.attribute if a.name == "bits") == 8 for n in weight_only)
+    ops = [n.op_type for n in graph.node]
+    blockwise = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(blockwise) == 2 * 7 + 1, sorted(set(ops))
+    for node in blockwise:
+        attrs = {a.name: a.i for a in node.attribute}
+        assert (attrs["bits"], attrs["block_size"], attrs.get("accuracy_level")) == (8, 32, 4), node.name
+    assert not {"MatMulInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLinear"} & set(ops)
+    # The linears' float weights are gone: only the 8-bit blocks (and their scales) remain.
+    weights = {i.name: i for i in graph.initializer}
+    assert all(weights[n.input[1]].data_type == onnx.TensorProto.UINT8 for n in blockwise)
+    gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in weights]
+    assert any(weights[n.input[0]].data_type in (onnx.TensorProto.UINT8, onnx.TensorProto.INT8) for n in gathers)
+
+
+def test_int8_dynamic_plan_describes_the_graph(llama_bundles, tiny_loaded):
+    """The recipe's onnx plan (data in exporter.recipes) is what the artifact holds: every linear the plan
+    gives "int8/group/dynamic" became one 8-bit MatMulNBits, the embedding took the int8 Gather rule."""
+    from exporter.formats.onnx_quant import planned_nodes
+    from exporter.recipes import get_recipe
+
+    loaded = tiny_loaded("llama")
+    groups = planned_nodes(llama_bundles["fp32"][1] / "model.onnx", "int8-dynamic", loaded.family)
+    assert set(groups) == {"int8/group/dynamic", "int8/channel/float"}, groups
+    assert len(groups["int8/channel/float"]) == 1  # the token embedding
+    graph = onnx.load(str(llama_bundles["int8-dynamic"][1] / "model.onnx")).graph
+    assert len(groups["int8/group/dynamic"]) == sum(n.op_type == "MatMulNBits" for n in graph.node)
+    rule = get_recipe("int8-dynamic").rule_for("onnx", "down")
+    assert rule.describe(32) == "int8 weights groups of 32, int8 dynamic activations"
 
 
 def test_kv_cache_decode_equals_full_forward(llama_bundles, tiny_loaded):
