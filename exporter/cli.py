@@ -220,11 +220,12 @@ def _latency_summary(manifest: dict) -> str:
     latency = manifest.get("latency")
     if not latency:
         return "not measured (--no-latency)"
-    host = latency.get("device", {})
-    where = f"{host.get('hostname')}, {host.get('cpu') or host.get('machine')}"
+    from .report import machine_name
+
+    where = machine_name(latency)
     if manifest["target"] == "host":
-        return f"{figures(latency['latency'])} on this machine ({where})"
-    return f"{figures(latency['latency'])} measured on this host ({where}), not on the {manifest['target']} device"
+        return f"{figures(latency['latency'])} on this machine, {where}"
+    return f"{figures(latency['latency'])} measured on this host, {where}, not on the {manifest['target']} device"
 
 
 @cli.command()

@@ -311,6 +311,12 @@ def verdict_html(m: dict) -> str:
     return "".join(parts)
 
 
+def machine_name(latency: dict) -> str:
+    """The machine a latency section was measured on: "hostname (cpu)"."""
+    dev = latency.get("device", {})
+    return f"{dev.get('hostname')} ({dev.get('cpu') or dev.get('machine')})"
+
+
 def where_measured(m: dict) -> str:
     """One sentence on where the latency figures come from."""
     if m.get("device"):
@@ -320,8 +326,7 @@ def where_measured(m: dict) -> str:
         return "No latency is measured for a microcontroller bundle: parity ran in TFLite Micro on this host."
     if not lat:
         return "No latency was measured (--no-latency, or a bundle for a board this machine cannot run)."
-    dev = lat.get("device", {})
-    host = f"{dev.get('hostname')} ({dev.get('cpu') or dev.get('machine')})"
+    host = machine_name(lat)
     if m["target"] == "host":
         return f"Latency was measured on {host}, the host this bundle is for."
     return (f"Latency was measured on this host, {host}, not on the {m['target']} device: "
