@@ -112,12 +112,7 @@ def _int8_dynamic(src: Path, dst: Path, loaded, options, spec: dict):
                              op_types_to_quantize=["Gather", "Gemm"], nodes_to_quantize=embeddings + dynamic)
         else:
             staged = src
-        staged_wo = dst.with_name(dst.name + ".wo")
-        _weight_only(staged, staged_wo, bits=8, block_size=options.group_size, nodes=weight_only, accuracy_level=0)
-        try:
-            _weight_only(staged_wo, dst, bits=8, block_size=options.group_size, nodes=blockwise, accuracy_level=4)
-        finally:
-            staged_wo.unlink(missing_ok=True)
+        _matmul_nbits(staged, dst, bits=8, block_size=options.group_size, groups=[(weight_only, 0), (blockwise, 4)])
     finally:
         if staged != src:
             staged.unlink(missing_ok=True)
@@ -142,26 +137,38 @@ def _nodes_of_type(model_path: Path, op_type: str) -> set[str]:
 def _weight_only(src: Path, dst: Path, bits: int, block_size: int, nodes: list[str] | None = None,
                  accuracy_level: int = 0) -> None:
     """MatMulNBits quantization of exactly the MatMul ``nodes`` (all constant-weight MatMuls when None)."""
+    _matmul_nbits(src, dst, bits, block_size, [(nodes, accuracy_level)])
+
+
+def _matmul_nbits(src: Path, dst: Path, bits: int, block_size: int,
+                  groups: list[tuple[list[str] | None, int]]) -> None:
+    """MatMulNBits-quantize each group of (MatMul nodes, accuracy_level) in turn on one loaded model,
+    saved once. Nodes None: every constant-weight MatMul; an empty group is skipped."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         MatMulNBitsQuantizer,
     )
 
-    model = onnx.load(str(src))
-    if nodes is not None and not nodes:
+    model, quantizer = onnx.load(str(src)), None
+    for nodes, accuracy_level in groups:
+        if nodes is not None and not nodes:
+            continue
+        # nodes_to_include does not restrict the quantizer (it takes a node that is included OR of a
+        # quantized op type, MatMul by default): every other MatMul is excluded explicitly, so layers the
+        # plan keeps float (or gives another accuracy level) stay as they are.
+        wanted = set(nodes or ())
+        exclude = [] if nodes is None else [n.name for n in model.graph.node
+                                            if n.op_type == "MatMul" and n.name not in wanted]
+        config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True,
+                                              accuracy_level=accuracy_level, bits=bits)
+        quantizer = MatMulNBitsQuantizer(model, algo_config=config, nodes_to_include=nodes, nodes_to_exclude=exclude)
+        quantizer.process()
+        model = quantizer.model.model
+    if quantizer is None:
         onnx.save(model, str(dst))
-        return
-    # nodes_to_include does not restrict the quantizer (it takes a node that is included OR of a
-    # quantized op type, MatMul by default): every other MatMul is excluded explicitly, so layers the
-    # plan keeps float (or gives another accuracy level) stay as they are.
-    exclude = [] if nodes is None else [n.name for n in model.graph.node
-                                        if n.op_type == "MatMul" and n.name not in set(nodes)]
-    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True,
-                                          accuracy_level=accuracy_level, bits=bits)
-    quantizer = MatMulNBitsQuantizer(model, algo_config=config, nodes_to_include=nodes, nodes_to_exclude=exclude)
-    quantizer.process()
-    quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
+    else:
+        quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
 
 
 def _int8_static(src: Path, dst: Path, loaded, options, spec: dict):
