@@ -168,20 +168,20 @@ def _summary_table(manifest: dict, out: Path, seconds: float):
     from rich.table import Table
     from rich.text import Text
 
-    from .terminal import duration
-
     table = Table(title="summary", show_header=False)
     table.add_column(style="bold")
     table.add_column(overflow="fold")
-    for label, value in summary_rows(manifest, out, seconds, duration):
+    for label, value in summary_rows(manifest, out, seconds):
         style = "red" if value.startswith(("FAILED", "missed")) else ""
         table.add_row(label, Text(value, style=style))  # Text: model names and paths are not markup
     return table
 
 
-def summary_rows(manifest: dict, out: Path, seconds: float, duration) -> list[tuple[str, str]]:
+def summary_rows(manifest: dict, out: Path, seconds: float) -> list[tuple[str, str]]:
     """(label, value) rows of the end-of-run summary (also what tests read)."""
     from . import report
+    from .htmlpage import human_bytes
+    from .terminal import duration
 
     parity = manifest["parity"]
     met = parity.get("metrics", {})
@@ -194,8 +194,7 @@ def summary_rows(manifest: dict, out: Path, seconds: float, duration) -> list[tu
                        f"greedy differs from token {met.get('greedy_first_diff')}")
     verdict = "passed" if parity["passed"] else "FAILED (kept with --no-gate): " + "; ".join(parity["failures"])
     rows = [("bundle", f"{out}  (open {out / 'report.html'})"),
-            ("artifact", report.artifact_size(manifest) if manifest["model"].get("num_parameters") else
-             f"{manifest['artifact']['bytes'] / 1e6:.2f} MB"),
+            ("artifact", report.artifact_size(manifest, human_bytes)),
             ("parity", f"{verdict}: {', '.join(figures)}" if figures else verdict)]
     rows.append(("latency", _latency_summary(manifest)))
     misses = manifest.get("budget_failures") or []

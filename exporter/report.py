@@ -103,12 +103,17 @@ def latency_rows(latency: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def artifact_size(manifest: dict) -> str:
-    """The artifact's size, and its ratio to the model's weights in float32 (what the recipe saved)."""
+def _megabytes(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def artifact_size(manifest: dict, size_text=_megabytes) -> str:
+    """The artifact's size, and its ratio to the model's weights in float32 (what the recipe saved);
+    ``size_text`` writes a byte count (report.md: MB; report.html: ``human_bytes``)."""
     size = manifest["artifact"]["bytes"]
     fp32 = 4 * manifest["model"].get("num_parameters", 0)  # the PyTorch reference's weights
-    text = f"{size / 1e6:.1f} MB"
-    return f"{text}, {size / fp32:.2f}x the {fp32 / 1e6:.1f} MB of fp32 weights" if fp32 else text
+    text = size_text(size)
+    return f"{text}, {size / fp32:.2f}x the {size_text(fp32)} of fp32 weights" if fp32 else text
 
 
 def reference_line(ref: dict) -> str:
@@ -278,7 +283,7 @@ def size_plot(manifest: dict) -> str | None:
     return figure_png(fig)
 
 
-CSS = (".fail{color:#b00}.pass{color:#070}" + VERDICT_CSS + "th{text-align:left}.row{display:flex;gap:1.5em;align-items:flex-start}.row>.grow{flex:1}.grow>h3:first-child{margin-top:0}.verdict h2{margin:.2em 0}.note{color:#555}img{max-width:100%}small,.versions{color:#555;font-size:90%}")
+CSS = (".fail{color:#b00}.pass{color:#070}" + VERDICT_CSS + "th{text-align:left}.row{display:flex;gap:1.5em;align-items:flex-start}.row>.grow{flex:1}.grow>h3:first-child{margin-top:0}.note{color:#555}img{max-width:100%}small,.versions{color:#555;font-size:90%}")
 
 
 def table(header: tuple[str, ...], rows) -> str:
@@ -336,11 +341,8 @@ def where_measured(m: dict) -> str:
 def summary_html(m: dict) -> str:
     """What the bundle is: artifact, size against fp32 (with the bar plot), model, creation."""
     art, model = m["artifact"], m["model"]
-    size = human_bytes(art["bytes"])
     params = model.get("num_parameters")
-    if params:
-        size += f", {art['bytes'] / (4 * params):.2f}x the {human_bytes(4 * params)} of fp32 weights"
-    rows = [("artifact", f"{art['files'][0]} ({size})"), ("target / format / recipe", f"{m['target']} / {m['format']} / {m['recipe']}"),
+    rows = [("artifact", f"{art['files'][0]} ({artifact_size(m, human_bytes)})"), ("target / format / recipe", f"{m['target']} / {m['format']} / {m['recipe']}"),
             ("model", f"{model.get('description') or model.get('architecture') or model.get('model_type')}"
                       + (f", {params / 1e6:.2f} M parameters" if params else "")),
             ("created", f"{m['created']} by slm-export {m.get('versions', {}).get('slm-export', '?')}")]

@@ -156,7 +156,6 @@ class Terminal:
         self._progress = None
         self._plain_tasks: list[_PlainTask] = []
         self._lock = threading.Lock()
-        self._stop = threading.Event()
 
     # -- what stages call --------------------------------------------------------------------
     def __call__(self, message: str) -> None:
@@ -183,7 +182,7 @@ class Terminal:
             task_id = self._progress.add_task(description, total=total, hint=hint)
             running = _LiveTask(self._progress, task_id)
         else:
-            self.line(f"{description}" + (f" ({hint})" if estimate else ""))
+            self.line(description + (f" ({hint})" if hint else ""))
             running = _PlainTask(self, description, total, estimate)
             self._plain_tasks.append(running)
         ok = False
@@ -225,18 +224,19 @@ class Terminal:
 
     @contextlib.contextmanager
     def _heartbeats(self) -> Iterator[None]:
+        stop = threading.Event()
+
         def beat():
-            while not self._stop.wait(HEARTBEAT_POLL_S):
+            while not stop.wait(HEARTBEAT_POLL_S):
                 for t in list(self._plain_tasks):
                     t.heartbeat()
 
         thread = threading.Thread(target=beat, name="slm-export-heartbeat", daemon=True)
-        self._stop.clear()
         thread.start()
         try:
             yield
         finally:
-            self._stop.set()
+            stop.set()
             thread.join(timeout=HEARTBEAT_POLL_S + 1)
 
 

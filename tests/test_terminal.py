@@ -179,13 +179,13 @@ def _manifest(target="rpi", failures=(), device=None):
 
 
 def test_summary_says_size_verdict_latency_where_and_budget_misses(tmp_path):
-    rows = dict(summary_rows(_manifest(failures=["decode 41.5 tok/s < 50"]), tmp_path / "b", 75, terminal.duration))
+    rows = dict(summary_rows(_manifest(failures=["decode 41.5 tok/s < 50"]), tmp_path / "b", 75))
     assert rows["artifact"].startswith("1.2 MB, 0.30x the 4.0 MB of fp32 weights")
     assert rows["parity"] == "passed: top-1 0.912, perplexity +2.1%, greedy differs from token 5"
     assert "41.5 tok/s decode" in rows["latency"] and "not on the rpi device" in rows["latency"]
     assert "ci-box" in rows["latency"]
     assert rows["budgets"].startswith("missed on this machine") and "decode 41.5 tok/s < 50" in rows["budgets"]
     assert rows["took"] == "1 min 15 s" and "report.html" in rows["bundle"]
-    host = dict(summary_rows(_manifest(target="host"), tmp_path / "b", 5, terminal.duration))
+    host = dict(summary_rows(_manifest(target="host"), tmp_path / "b", 5))
     assert "on this machine" in host["latency"] and "not on" not in host["latency"]
     assert host["budgets"] == "all met"
