@@ -1,0 +1,196 @@
+"""Does the bundle drop into the runtimes people ship? Run it through each one and compare greedy tokens.
+
+A bundle runs in slm-export's own runner (``exporter.runtime``); apps load models through the field's
+LLM runtimes (onnxruntime-genai, ExecuTorch's LLM runner, LiteRT-LM, transformers.js), each with its
+own layout and metadata. ``verify`` runs the bundle's greedy prompt (shipped in
+parity_reference.npz) through every runtime that applies to its format and reports, per runtime: its
+version, whether it loads the bundle, whether its greedy tokens equal our runner's and the PyTorch
+reference's, and its decode speed.
+
+Each runtime is one module of this package that registers a ``FieldRuntime`` in ``RUNTIMES``:
+adding a runtime is adding one file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import importlib.util
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..registry import Registry
+from ..runtime.files import load_manifest
+
+REFERENCE_FILE = "parity_reference.npz"
+GREEDY_TOKENS = 16  # the reference's greedy tokens shipped in the bundle (parity.write_reference)
+
+# Statuses of a row. Only FAILED (the runtime is installed and rejects or crashes on the bundle) makes
+# the export fail; DIFFERS is reported (a runtime with other kernels may flip a near-tie).
+OK, DIFFERS, FAILED, NOT_INSTALLED, NOT_APPLICABLE = "ok", "differs", "failed", "not installed", "n/a"
+
+
+@dataclass
+class GreedyRun:
+    """What a runtime produced for the greedy prompt."""
+
+    tokens: list[int]
+    decode_tokens_per_s: float | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class FieldRuntime:
+    """One runtime a bundle should drop into.
+
+    ``generate(bundle_dir, manifest, prompt_ids, n_tokens)`` runs greedy decoding of ``n_tokens``
+    tokens after ``prompt_ids`` in that runtime and returns a ``GreedyRun``; it raises when the runtime
+    rejects the bundle. ``applies(manifest)`` returns None when the runtime applies to the bundle, or
+    the reason it does not. ``distribution`` is the installed package whose version is reported, and
+    ``install`` the hint when it is missing (``module`` is imported only to tell whether it is there).
+    """
+
+    name: str
+    formats: tuple[str, ...]
+    distribution: str
+    module: str
+    generate: Callable[[Path, dict, list[int], int], GreedyRun]
+    install: str = ""
+    applies: Callable[[dict], str | None] = lambda manifest: None
+    is_ours: bool = False  # our own runner: the row the others are compared with
+    order: int = 50  # table order (ours first)
+
+
+RUNTIMES: Registry[FieldRuntime] = Registry("runtime", __name__)
+
+
+def register(runtime: FieldRuntime) -> FieldRuntime:
+    """Register ``runtime`` under its name (called by each module of this package at import)."""
+    return RUNTIMES.register(runtime.name, runtime)
+
+
+@dataclass
+class Row:
+    """One runtime's line of the verify table."""
+
+    runtime: str
+    version: str = ""
+    status: str = OK
+    loads: bool | None = None
+    same_as_ours: bool | None = None
+    same_as_reference: bool | None = None
+    decode_tokens_per_s: float | None = None
+    tokens: list[int] = field(default_factory=list)
+    message: str = ""
+
+
+def installed_version(distribution: str) -> str | None:
+    """The installed version of ``distribution``, or None."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def greedy_case(bundle_dir: Path) -> tuple[list[int], list[int]]:
+    """The bundle's greedy prompt and the PyTorch reference's greedy tokens for it."""
+    with np.load(Path(bundle_dir) / REFERENCE_FILE) as ref:
+        return ref["greedy_prompt"].tolist(), ref["greedy_expected"].tolist()
+
+
+def runtimes_for(manifest: dict) -> list[FieldRuntime]:
+    """The registered runtimes that run the bundle's format, ours first."""
+    return sorted((r for r in RUNTIMES if manifest.get("format") in r.formats), key=lambda r: (r.order, r.name))
+
+
+def verify(bundle_dir: Path, manifest: dict | None = None, only: tuple[str, ...] = (),
+           progress: Callable[[str], None] = lambda m: None) -> list[Row]:
+    """One ``Row`` per runtime that runs the bundle's format (``only``: just these names).
+
+    Causal LMs only: an encoder or classifier bundle gets an empty list (these runtimes generate text).
+    """
+    from ..errors import condense
+
+    bundle_dir = Path(bundle_dir)
+    manifest = manifest if manifest is not None else load_manifest(bundle_dir)
+    if manifest.get("model", {}).get("kind", "causal-lm") != "causal-lm":
+        return []
+    prompt, expected = greedy_case(bundle_dir)
+    rows, ours = [], None
+    for rt in runtimes_for(manifest):
+        if only and rt.name not in only and not rt.is_ours:
+            continue
+        row = Row(rt.name, version=installed_version(rt.distribution) or "")
+        reason = rt.applies(manifest)
+        if reason:
+            row.status, row.message = NOT_APPLICABLE, reason
+        elif not row.version or importlib.util.find_spec(rt.module.split(".")[0]) is None:
+            row.status, row.message = NOT_INSTALLED, f"not installed: {rt.install or 'pip install ' + rt.distribution}"
+        else:
+            progress(f"verify: {rt.name} {row.version}")
+            try:
+                run = rt.generate(bundle_dir, manifest, prompt, len(expected))
+            except Exception as e:  # the runtime rejected the bundle: its message, condensed
+                row.status, row.loads, row.message = FAILED, False, condense(e, limit=300)
+            else:
+                row.loads, row.tokens, row.message = True, list(run.tokens), run.note
+                row.decode_tokens_per_s = run.decode_tokens_per_s
+                row.same_as_reference = row.tokens == expected
+        if rt.is_ours:
+            ours = row
+        rows.append(row)
+    for row in rows:
+        if row.loads and ours is not None and ours.loads:
+            row.same_as_ours = row.tokens == ours.tokens
+            if row is not ours and not row.same_as_ours:
+                row.status = DIFFERS
+                row.message = (row.message + "; " if row.message else "") + first_difference(ours.tokens, row.tokens)
+    return rows
+
+
+def first_difference(ours: list[int], theirs: list[int]) -> str:
+    """Where two greedy token lists part, e.g. 'token 3: 517 here, 88 in slm-export'."""
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        if a != b:
+            return f"token {i}: {b} here, {a} in slm-export"
+    return f"{len(theirs)} tokens here, {len(ours)} in slm-export"
+
+
+def failed(rows: list[Row]) -> list[Row]:
+    """The rows that make the export fail (a runtime that is installed and rejects the bundle)."""
+    return [r for r in rows if r.status == FAILED]
+
+
+def as_json(rows: list[Row]) -> list[dict]:
+    """The rows for the manifest (tokens dropped: they are in parity_reference.npz's terms anyway)."""
+    return [{k: v for k, v in dataclasses.asdict(r).items() if k != "tokens"} for r in rows]
+
+
+def table_rows(rows: list[Row]) -> list[tuple[str, ...]]:
+    """Text cells of the verify table: runtime, version, loads, = ours, = reference, decode tok/s, note."""
+    def yes_no(v):
+        return "-" if v is None else ("yes" if v else "no")
+
+    return [(r.runtime, r.version or "-", yes_no(r.loads), yes_no(r.same_as_ours), yes_no(r.same_as_reference),
+             "-" if r.decode_tokens_per_s is None else f"{r.decode_tokens_per_s:.1f}",
+             r.status if not r.message else f"{r.status}: {r.message}") for r in rows]
+
+
+TABLE_HEADER = ("runtime", "version", "loads", "greedy = ours", "greedy = PyTorch", "decode tok/s", "status")
+
+
+def timed_greedy(step: Callable[[int | None], int], n_tokens: int) -> GreedyRun:
+    """Greedy decoding driven by ``step(previous_token) -> next_token`` (None first: the prefill).
+
+    Decode speed counts the tokens after the first one (the first comes out of the prefill).
+    """
+    tokens = [step(None)]
+    t0 = time.perf_counter()
+    while len(tokens) < n_tokens:
+        tokens.append(step(tokens[-1]))
+    elapsed = time.perf_counter() - t0
+    return GreedyRun(tokens, (len(tokens) - 1) / elapsed if len(tokens) > 1 and elapsed > 0 else None)
