@@ -2,6 +2,7 @@
 
     slm-export --target rpi [--model PATH] [--format F] [--recipe R] --out DIR   (the export; also `slm-export export ...`)
     slm-export recipes                                                           (what each format and target can do)
+    slm-export verify BUNDLE                                                     (the bundle in the field's runtimes)
 """
 
 from __future__ import annotations
@@ -86,11 +87,12 @@ def cli():
 @click.option("--board", default=None, help="mcu: board profile whose flash/RAM budget applies (see targets/mcu.py).")
 @click.option("--cross-check", is_flag=True, help="Compare a GGUF's PyTorch reference with llama.cpp on the same file (builds llama.cpp once, minutes; used anyway when already built).")
 @click.option("--no-reference-check", is_flag=True, help="Skip the checks that the PyTorch reference is a working model (perplexity, llama.cpp).")
+@click.option("--no-verify", is_flag=True, help="Skip running the bundle in the field's runtimes (onnxruntime-genai, ExecuTorch's runner, ...).")
 @click.option("--verbose", is_flag=True, help="Show everything libraries print (known harmless noise included).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def export(target, out, model, fmt, recipe, calibration, force, no_gate, no_latency, max_context, group_size,
            prefill_lengths, decode_tokens, repeats, threads, cache_dir, trust_pickle, device_runner, device_serial,
-           board, cross_check, no_reference_check, verbose, debug):
+           board, cross_check, no_reference_check, no_verify, verbose, debug):
     """Export a model for a target, check parity, measure latency, write a bundle."""
     from .pipeline import ExportRequest
 
@@ -101,7 +103,7 @@ def export(target, out, model, fmt, recipe, calibration, force, no_gate, no_late
                         decode_tokens=decode_tokens, repeats=repeats, threads=threads,
                         device_runner=device_runner, device_serial=device_serial,
                         reference_check="never" if no_reference_check else "always" if cross_check else "auto",
-                        extra={"board": board} if board else {})
+                        verify=not no_verify, extra={"board": board} if board else {})
     _run_guarded(lambda: _export(req, verbose), debug)
 
 
@@ -160,6 +162,10 @@ def _export(req, verbose: bool = False) -> None:
                                  manifest["latency"]["latency"]))
     if manifest.get("device"):
         out.print(_latency_table("latency on the device", manifest["device"]["latency"]))
+    if manifest.get("runtimes"):
+        from .verify import Row
+
+        out.print(verify_table([Row(**row) for row in manifest["runtimes"]], "the bundle in the field's runtimes"))
     out.print(_summary_table(manifest, req.out, time.perf_counter() - terminal.start))
 
 
@@ -379,6 +385,62 @@ def _run_guarded(fn, debug: bool,
 
         click.echo(f"error: {summary_exception(e)}", err=True)
         sys.exit(1)
+
+
+@cli.command("verify")
+@click.argument("bundle", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--runtime", "runtimes", multiple=True, help="Only this runtime (repeatable; our runner always runs).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Write the rows as JSON here.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def verify_command(bundle, runtimes, json_path, debug):
+    """Run a bundle in every runtime that applies to its format; exit 6 if one that is installed rejects it
+    or generates other greedy tokens than ours."""
+    _run_guarded(lambda: _verify(bundle, runtimes, json_path), debug)
+
+
+def _verify(bundle_dir: Path, runtimes: tuple[str, ...], json_path: Path | None) -> None:
+    import json
+
+    from rich.console import Console
+
+    from . import verify
+    from .errors import RuntimeRejectedBundle
+    from .runtime.base import verify as check_files
+    from .runtime.files import load_manifest
+
+    known = verify.RUNTIMES.names()
+    unknown = [r for r in runtimes if r not in known]
+    if unknown:
+        raise SlmExportError(f"unknown runtime {', '.join(unknown)}; choose from: {', '.join(known)}")
+    check_files(bundle_dir)  # hashes and sizes against the manifest: a tampered bundle is refused first
+    manifest = load_manifest(bundle_dir)
+    rows = verify.verify(bundle_dir, manifest, only=runtimes)
+    if not rows:
+        raise SlmExportError(f"{bundle_dir} holds a {manifest.get('model', {}).get('kind')} model: the field "
+                             "runtimes checked here generate text (causal LMs only)")
+    Console().print(verify_table(rows, f"{bundle_dir}: {manifest['format']} / {manifest['recipe']}"))
+    if json_path:
+        json_path.write_text(json.dumps(verify.as_json(rows), indent=2))
+    bad = [r for r in rows if r.status in (verify.FAILED, verify.DIFFERS)]
+    if bad:
+        raise RuntimeRejectedBundle(f"{len(bad)} runtime(s) rejected the bundle or generated other tokens: "
+                                    + ", ".join(r.runtime for r in bad))
+
+
+def verify_table(rows, title: str):
+    """The rich table of ``verify`` rows (also printed at the end of an export)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from . import verify
+
+    table = Table(title=title)
+    for col in verify.TABLE_HEADER:
+        table.add_column(col, overflow="fold", no_wrap=col == "runtime")
+    for row, cells in zip(rows, verify.table_rows(rows)):
+        style = "red" if row.status in (verify.FAILED, verify.DIFFERS) else ""
+        table.add_row(*cells[:-1], Text(cells[-1], style=style))
+    return table
 
 
 @cli.group()

@@ -45,6 +45,12 @@ class DeviceError(SlmExportError):
     exit_code = 4
 
 
+class RuntimeRejectedBundle(SlmExportError):
+    """A field runtime that is installed (onnxruntime-genai, ExecuTorch's runner, ...) cannot run the bundle."""
+
+    exit_code = 6
+
+
 class BudgetExceeded(SlmExportError):
     """The model does not fit the board's flash or RAM."""
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import bundle, latency, parity, reference, report
-from .errors import BudgetExceeded, ParityGateFailed, SlmExportError, UnsupportedRecipeError
+from .errors import BudgetExceeded, ParityGateFailed, RuntimeRejectedBundle, SlmExportError, UnsupportedRecipeError
 from .formats import ExportOptions, get_format
 from .loading import load_model
 from .progress import task
@@ -64,6 +64,7 @@ class ExportRequest:
     # The reference check (exporter/reference.py): "auto" (llama.cpp when it is built), "always" (build
     # llama.cpp if needed), "never" (--no-reference-check: neither check).
     reference_check: str = "auto"
+    verify: bool = True  # run the bundle in the field's runtimes (exporter/verify); --no-verify skips
     extra: dict = field(default_factory=dict)  # board, Budgets overrides, device_options, student, retrain
 
 
@@ -151,6 +152,8 @@ def run(req: ExportRequest, progress: Callable[[str], None] = lambda m: None, pl
         stages["validate"](ctx)
         gate(ctx)
         stages["measure"](ctx)
+        if req.verify:
+            verify_runtimes(ctx)
         manifest = write_bundle(ctx, check_budgets(ctx))
         bundle.publish(staging, req.out)
     return manifest
@@ -163,6 +166,29 @@ def gate(ctx: Context) -> None:
             f"parity gate failed for {ctx.plan.format} / {ctx.plan.recipe}:\n" + _parity_table(ctx.parity),
             hint="nothing was written; pass --no-gate to keep the artifact anyway",
         )
+
+
+def verify_runtimes(ctx: Context) -> None:
+    """Run the staged bundle in every field runtime for its format (exporter/verify) and record the rows.
+
+    A runtime that is not installed is a row, not a failure; one that is installed and rejects the
+    bundle fails the export (nothing is published), since the bundle would not drop into it.
+    """
+    from . import verify
+
+    staged = {"format": ctx.plan.format, "model": {"kind": ctx.sections["model"].get("kind", "causal-lm")},
+              "files": {p.name: {} for p in ctx.staging.iterdir()}}
+    with ctx.timed("verify_s"), task(ctx.progress, "verify: the bundle in the field's runtimes"):
+        rows = verify.verify(ctx.staging, staged, progress=ctx.progress)
+    if not rows:
+        return
+    ctx.sections["runtimes"] = verify.as_json(rows)
+    rejected = verify.failed(rows)
+    if rejected:
+        raise RuntimeRejectedBundle(
+            "the bundle does not run in " + ", ".join(r.runtime for r in rejected) + ":\n"
+            + "\n".join(f"  {r.runtime} {r.version}: {r.message}" for r in rejected),
+            hint="nothing was written; pass --no-verify to keep the bundle anyway")
 
 
 def check_budgets(ctx: Context) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .htmlpage import VERDICT_CSS, esc, figure_png, human_bytes, img, page_head, pyplot
+from .verify import TABLE_HEADER as RUNTIME_HEADER, Row, table_rows
 
 PARITY_ROWS = (
     ("max_abs_err", "max |logit error|", "{:.4g}"),
@@ -173,12 +174,20 @@ def markdown(manifest: dict) -> str:
         lines += ["", (f"## Latency on the device ({dev.get('model') or dev.get('serial', '?')}, "
                   f"{device.get('runtime', 'on-device runner')})"), ""]
         lines += md_table(("figure", "value"), latency_rows(device["latency"]))
+    if m.get("runtimes"):
+        lines += ["", "## Runtimes the bundle drops into (greedy decoding of the shipped prompt)", ""]
+        lines += md_table(RUNTIME_HEADER, runtime_rows(m))
     if "flash" in m:
         lines += memory_lines(m)
     budgets = m.get("budget_failures")
     if budgets:
         lines += ["", "Target budgets missed on this machine (budgets apply on the device): " + "; ".join(budgets)]
     return "\n".join(lines) + "\n"
+
+
+def runtime_rows(m: dict) -> list[tuple[str, ...]]:
+    """The verify table's cells of the manifest's ``runtimes`` section (exporter/verify)."""
+    return table_rows([Row(**row) for row in m.get("runtimes") or []])
 
 
 def _pct(x) -> str:
@@ -467,6 +476,11 @@ def html_report(manifest: dict, markdown_text: str) -> str:
         parts.append(summary_html(m))
     parts += parity_html(m)
     parts += latencies_html(m)
+    if m.get("runtimes"):
+        parts += ["<h2>Runtimes the bundle drops into</h2>",
+                  "<p class=note>Greedy decoding of the shipped prompt in each runtime, compared with our runner "
+                  "and with PyTorch; `slm-export verify BUNDLE` runs it again.</p>",
+                  table(RUNTIME_HEADER, runtime_rows(m))]
     parts += run_html(m)
     return "\n".join(parts)
 

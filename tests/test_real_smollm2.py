@@ -29,6 +29,8 @@ def test_rpi_default_bundle_of_the_embedded_model(tmp_path):
     assert "Paris" in metrics["greedy_reference_text"]
     assert manifest["latency"]["latency"]["decode_tok_s"] > 1
     assert manifest["artifact"]["bytes"] < 0.5 * 540e6  # int8 is well under the 540 MB fp32 graph
+    genai = runtime_row(manifest, "onnxruntime-genai")  # the bundle drops into onnxruntime-genai
+    assert genai["status"] == "ok" and genai["same_as_ours"] and genai["decode_tokens_per_s"] > 1, genai
 
 
 def test_fp32_export_generates_identical_greedy_tokens(tmp_path):
@@ -67,3 +69,12 @@ def test_android_default_pte_of_the_embedded_model(tmp_path):
     assert manifest["artifact"]["bytes"] < 0.45 * 652e6  # fp32 .pte is 652 MB
     settings = json.loads((out / "android_llm.json").read_text())
     assert settings["model"] == "model.pte" and settings["user_prompt_template"] and (out / "tokenizer.json").exists()
+    runner = runtime_row(manifest, "executorch TextLLMRunner")  # ExecuTorch's own LLM runner, unchanged bundle
+    assert runner["status"] == "ok" and runner["same_as_ours"] and runner["decode_tokens_per_s"] > 1, runner
+
+
+def runtime_row(manifest: dict, name: str) -> dict:
+    """The verify row of runtime ``name`` in the manifest written by the export."""
+    rows = {row["runtime"]: row for row in manifest["runtimes"]}
+    assert rows["slm-export"]["status"] == "ok", rows
+    return rows[name]

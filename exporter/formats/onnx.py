@@ -187,7 +187,7 @@ class OnnxFormat(Format):
 
     def build(self, loaded, recipe: str, options: ExportOptions, out_dir: Path) -> Artifact:
         """Export fp32 with torch.onnx (dynamo), then apply ``recipe`` with onnxruntime's tools."""
-        from exporter.formats import onnx_quant
+        from exporter.formats import onnx_genai, onnx_quant
 
         self.check(loaded.kind, recipe, loaded.family)
         fp32_path = out_dir / (MODEL_FILE if recipe == "fp32" else FP32_FILE)
@@ -209,6 +209,8 @@ class OnnxFormat(Format):
                 leftover.unlink()
         files = sorted(p.name for p in out_dir.iterdir() if p.name.startswith("model"))
         files.remove(MODEL_FILE)
+        if loaded.kind == "causal-lm":  # so onnxruntime_genai.Model(bundle) generates with it
+            onnx_genai.write_genai_config(spec, loaded, options.max_context, out_dir)
         return Artifact("onnx", recipe, [MODEL_FILE, *files], spec, notes)
 
 

@@ -23,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..quiet import quiet
 from ..registry import Registry
 from ..runtime.files import load_manifest
 
@@ -41,6 +42,9 @@ class GreedyRun:
     tokens: list[int]
     decode_tokens_per_s: float | None = None
     note: str = ""
+    # A runtime whose API yields text pieces, not ids (ExecuTorch's runner): its pieces, compared with
+    # the others' tokens decoded one by one with the bundle's tokenizer.
+    pieces: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,7 @@ class Row:
     same_as_reference: bool | None = None
     decode_tokens_per_s: float | None = None
     tokens: list[int] = field(default_factory=list)
+    pieces: list[str] | None = None
     message: str = ""
 
 
@@ -133,30 +138,53 @@ def verify(bundle_dir: Path, manifest: dict | None = None, only: tuple[str, ...]
         else:
             progress(f"verify: {rt.name} {row.version}")
             try:
-                run = rt.generate(bundle_dir, manifest, prompt, len(expected))
+                with quiet():  # runtimes print load logs and statistics from C++
+                    run = rt.generate(bundle_dir, manifest, prompt, len(expected))
             except Exception as e:  # the runtime rejected the bundle: its message, condensed
                 row.status, row.loads, row.message = FAILED, False, condense(e, limit=300)
             else:
-                row.loads, row.tokens, row.message = True, list(run.tokens), run.note
+                row.loads, row.tokens, row.pieces, row.message = True, list(run.tokens), run.pieces, run.note
                 row.decode_tokens_per_s = run.decode_tokens_per_s
-                row.same_as_reference = row.tokens == expected
         if rt.is_ours:
             ours = row
         rows.append(row)
+    pieces = _piece_decoder(bundle_dir, rows)
     for row in rows:
-        if row.loads and ours is not None and ours.loads:
-            row.same_as_ours = row.tokens == ours.tokens
+        if not row.loads:
+            continue
+        row.same_as_reference = pieces(row) == pieces(expected) if row.pieces else row.tokens == expected
+        if ours is not None and ours.loads:
+            row.same_as_ours = pieces(row) == pieces(ours) if row.pieces else row.tokens == ours.tokens
             if row is not ours and not row.same_as_ours:
                 row.status = DIFFERS
-                row.message = (row.message + "; " if row.message else "") + first_difference(ours.tokens, row.tokens)
+                diff = first_difference(pieces(ours), pieces(row)) if row.pieces else first_difference(ours.tokens, row.tokens)
+                row.message = (row.message + "; " if row.message else "") + diff
     return rows
 
 
-def first_difference(ours: list[int], theirs: list[int]) -> str:
-    """Where two greedy token lists part, e.g. 'token 3: 517 here, 88 in slm-export'."""
+def _piece_decoder(bundle_dir: Path, rows: list[Row]) -> Callable:
+    """``pieces(row or token list)``: a row's text pieces, or its tokens decoded one by one (needed
+    only when some runtime reports pieces; the bundle's tokenizer.json decodes)."""
+    decode = None
+    if any(r.pieces for r in rows):
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(bundle_dir / "tokenizer.json"))
+        decode = lambda ids: [tokenizer.decode([i], skip_special_tokens=False) for i in ids]  # noqa: E731
+
+    def pieces(item) -> list[str]:
+        if isinstance(item, Row):
+            return item.pieces if item.pieces is not None else decode(item.tokens)
+        return decode(item)
+
+    return pieces
+
+
+def first_difference(ours: list, theirs: list) -> str:
+    """Where two greedy outputs (token ids or text pieces) part, e.g. 'token 3: 517 here, 88 in slm-export'."""
     for i, (a, b) in enumerate(zip(ours, theirs)):
         if a != b:
-            return f"token {i}: {b} here, {a} in slm-export"
+            return f"token {i}: {b!r} here, {a!r} in slm-export"
     return f"{len(theirs)} tokens here, {len(ours)} in slm-export"
 
 
@@ -166,8 +194,8 @@ def failed(rows: list[Row]) -> list[Row]:
 
 
 def as_json(rows: list[Row]) -> list[dict]:
-    """The rows for the manifest (tokens dropped: they are in parity_reference.npz's terms anyway)."""
-    return [{k: v for k, v in dataclasses.asdict(r).items() if k != "tokens"} for r in rows]
+    """The rows for the manifest (without the tokens themselves)."""
+    return [{k: v for k, v in dataclasses.asdict(r).items() if k not in ("tokens", "pieces")} for r in rows]
 
 
 def table_rows(rows: list[Row]) -> list[tuple[str, ...]]:
