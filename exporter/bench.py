@@ -143,6 +143,13 @@ def bundle_contender(bundle: Path) -> Contender:
                      format=spec["format"], recipe=spec["recipe"])
 
 
+def genai_contender(bundle: Path) -> Contender:
+    """onnxruntime-genai on an ONNX bundle (the same graph as the bundle's row, another generation loop)."""
+    ours = bundle_contender(bundle)
+    return Contender(name=f"{ours.name} (onnxruntime-genai)", kind="genai", path=str(bundle),
+                     weight_bytes=ours.weight_bytes, format="onnx (onnxruntime-genai)", recipe=ours.recipe)
+
+
 def eager_contender(model_spec: str | None, loaded) -> Contender:
     """PyTorch eager fp32; weight bytes are the model's unique parameter storage."""
     seen, total = set(), 0
@@ -343,13 +350,18 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
 
 def bench(bundles: list[Path], out_dir: Path, model: str | None = None, eager: bool = True,
           optimum: tuple[Path, str] | None = None, rounds: int = 5, decode_tokens: int = 128,
-          prompt_tokens: int = 64, threads: int | None = None, progress=lambda msg: None) -> dict:
-    """The ``slm-export bench`` command: build the contender list and reference, then ``run_bench``."""
+          prompt_tokens: int = 64, threads: int | None = None, progress=lambda msg: None, genai: bool = False) -> dict:
+    """The ``slm-export bench`` command: build the contender list and reference, then ``run_bench``.
+
+    ``genai``: also run each ONNX bundle that has a genai_config.json through onnxruntime-genai.
+    """
     from .loading import load_model
 
     loaded = load_model(model)
     contenders = [eager_contender(model, loaded)] if eager else []
     contenders += [bundle_contender(b) for b in bundles]
+    if genai:
+        contenders += [genai_contender(b) for b in bundles if (Path(b) / "genai_config.json").exists()]
     if optimum:
         contenders.append(optimum_contender(*optimum))
     if not contenders:

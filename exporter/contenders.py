@@ -1,4 +1,5 @@
-"""Host-only benchmark contenders that are not bundles: PyTorch eager and optimum-onnx's export.
+"""Host-only benchmark contenders that are not our runners: PyTorch eager, optimum-onnx's export, and
+onnxruntime-genai's generation loop over an ONNX bundle (its genai_config.json).
 
 Both implement the device-side ``CausalLMRunner`` interface, so ``exporter.runtime.bench_worker``
 measures them with exactly the loop that measures the bundles. Imports are lazy: the optimum
@@ -87,10 +88,46 @@ class OptimumRunner(CausalLMRunner):
         return np.asarray(out.logits[0], dtype=np.float32)
 
 
+class GenaiRunner(CausalLMRunner):
+    """onnxruntime-genai's ``Generator`` over an ONNX bundle: ``append_tokens`` is the step, its
+    ``logits`` output the step's logits (so the same latency loop and parity windows measure it)."""
+
+    format = "onnx (onnxruntime-genai)"
+    runtime_name = "onnxruntime-genai"
+
+    def __init__(self, bundle: Path, threads: int | None = None):
+        import json
+
+        import onnxruntime_genai as og
+
+        config = og.Config(str(bundle))
+        if threads:
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": int(threads)}}}}))
+        self._og = og
+        self.model = og.Model(config)
+        spec = json.loads((Path(bundle) / "genai_config.json").read_text())
+        super().__init__(Path(bundle), {"max_context": spec["search"]["max_length"]})
+        self.runtime_version = getattr(og, "__version__", "")
+        self.reset()
+
+    def reset(self) -> None:
+        params = self._og.GeneratorParams(self.model)
+        params.set_search_options(max_length=self.max_context, do_sample=False)
+        self.generator = self._og.Generator(self.model, params)
+        self.position = 0
+
+    def forward(self, token_ids: Sequence[int]) -> np.ndarray:
+        self.generator.append_tokens(list(token_ids))
+        self.position += len(token_ids)
+        return np.asarray(self.generator.get_output("logits"), dtype=np.float32)[0]
+
+
 def open_contender(kind: str, path: Path, threads: int | None):
     """Build the ``kind`` contender (``eager``: a model spec as ``--model`` takes; ``optimum``: a folder)."""
     if kind == "eager":
         return EagerRunner(str(path) if str(path) not in ("", "default") else "", threads)
     if kind == "optimum":
         return OptimumRunner(Path(path), threads)
+    if kind == "genai":
+        return GenaiRunner(Path(path), threads)
     raise ValueError(f"unknown contender kind {kind!r}")

@@ -92,3 +92,17 @@ def test_broken_contender_is_one_clear_error(onnx_bundles, tiny_model_dir, tmp_p
 
 def test_memory_bandwidth_is_measured():
     assert 0.1 < bench.memory_bandwidth_gb_s(mbytes=32, repeats=2) < 10_000
+
+
+def test_bench_runs_onnx_bundles_through_onnxruntime_genai_too(onnx_bundles, tiny_model_dir, tmp_path):
+    """--genai: each ONNX bundle also runs in onnxruntime-genai's loop; same graph, so the same logits."""
+    out = tmp_path / "bench"
+    proc = run_cli("bench", onnx_bundles["int8-dynamic"], "--model", tiny_model_dir("llama"), "--no-eager", "--genai",
+                   "--out", out, "--rounds", "1", "--decode-tokens", "8", "--prompt-tokens", "16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["name"]: r for r in json.loads((out / "bench.json").read_text())["rows"]}
+    assert list(rows) == ["onnx int8-dynamic", "onnx int8-dynamic (onnxruntime-genai)"]
+    ours, genai = rows.values()
+    assert genai["runtime"].startswith("onnxruntime-genai") and genai["decode_tok_s"]["median"] > 0
+    assert genai["parity"]["top1_agreement"] == ours["parity"]["top1_agreement"]
+    assert genai["parity"]["max_abs_err"] == pytest.approx(ours["parity"]["max_abs_err"], abs=1e-3)

@@ -208,7 +208,7 @@ def table_rows(rows: list[Row]) -> list[tuple[str, ...]]:
              r.status if not r.message else f"{r.status}: {r.message}") for r in rows]
 
 
-TABLE_HEADER = ("runtime", "version", "loads", "greedy = ours", "greedy = PyTorch", "decode tok/s", "status")
+TABLE_HEADER = ("runtime", "version", "loads", "greedy = ours", "= PyTorch", "decode tok/s", "status")
 
 
 def timed_greedy(step: Callable[[int | None], int], n_tokens: int) -> GreedyRun:
