@@ -150,6 +150,38 @@ def genai_contender(bundle: Path) -> Contender:
                      weight_bytes=ours.weight_bytes, format="onnx (onnxruntime-genai)", recipe=ours.recipe)
 
 
+def gguf_file_type(path: Path) -> str:
+    """A GGUF's file type as llama.cpp names it (Q4_1, Q4_K_M, ...), from its metadata."""
+    import gguf
+
+    field = gguf.GGUFReader(str(path)).fields.get("general.file_type")
+    if field is None:
+        return "gguf"
+    return gguf.LlamaFileType(int(field.parts[field.data[0]][0])).name.removeprefix("MOSTLY_")
+
+
+def llama_cpp_contenders(loaded, types: tuple[str, ...], progress=lambda msg: None) -> list[Contender]:
+    """llama.cpp on the model's own GGUF ("source") and on llama.cpp's requantizations of it (Q8_0,
+    Q4_K_M, ...), in llama.cpp's environment (built once, exporter/llama_cpp_peer.py)."""
+    from . import llama_cpp_peer
+
+    if loaded.identity.get("source_format") != "gguf":
+        raise SlmExportError("--llama-cpp needs a model that came from a GGUF file (the embedded models do)",
+                             hint="give --model FILE.gguf or an embedded name, or leave out --llama-cpp")
+    gguf = Path(loaded.identity["source"])
+    python = llama_cpp_peer.ensure_environment(progress=progress)
+    contenders = []
+    for type_name in types:
+        if type_name.lower() == "source":
+            path, label = gguf, f"{gguf_file_type(gguf)} (source)"
+        else:
+            progress(f"llama.cpp: quantizing {gguf.name} to {type_name.upper()} (cached)")
+            path, label = llama_cpp_peer.quantized(python, gguf, type_name), type_name.upper()
+        contenders.append(Contender(name=f"llama.cpp {label}", kind="llama_cpp", path=str(path), python=str(python),
+                                    weight_bytes=path.stat().st_size, format="gguf", recipe=label))
+    return contenders
+
+
 def eager_contender(model_spec: str | None, loaded) -> Contender:
     """PyTorch eager fp32; weight bytes are the model's unique parameter storage."""
     seen, total = set(), 0
@@ -350,10 +382,12 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
 
 def bench(bundles: list[Path], out_dir: Path, model: str | None = None, eager: bool = True,
           optimum: tuple[Path, str] | None = None, rounds: int = 5, decode_tokens: int = 128,
-          prompt_tokens: int = 64, threads: int | None = None, progress=lambda msg: None, genai: bool = False) -> dict:
+          prompt_tokens: int = 64, threads: int | None = None, progress=lambda msg: None, genai: bool = False,
+          llama_cpp: tuple[str, ...] = ()) -> dict:
     """The ``slm-export bench`` command: build the contender list and reference, then ``run_bench``.
 
     ``genai``: also run each ONNX bundle that has a genai_config.json through onnxruntime-genai.
+    ``llama_cpp``: GGUF types for llama.cpp contenders ("source" = the model's own file, e.g. Q8_0).
     """
     from .loading import load_model
 
@@ -364,6 +398,8 @@ def bench(bundles: list[Path], out_dir: Path, model: str | None = None, eager: b
         contenders += [genai_contender(b) for b in bundles if (Path(b) / "genai_config.json").exists()]
     if optimum:
         contenders.append(optimum_contender(*optimum))
+    if llama_cpp:
+        contenders += llama_cpp_contenders(loaded, llama_cpp, progress)
     if not contenders:
         raise SlmExportError("nothing to benchmark", hint="give bundle folders, or leave the eager baseline on")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -560,20 +560,24 @@ def _distill(intents, epochs, retrain, cache_dir) -> None:
               help="Folder exported by optimum-cli (text-generation-with-past) to run as the peer.")
 @click.option("--optimum-python", default=None, help="Python of the venv that has optimum-onnx (see benchmarks/optimum_peer.py).")
 @click.option("--genai", is_flag=True, help="Also run each ONNX bundle through onnxruntime-genai (its genai_config.json).")
+@click.option("--llama-cpp", "llama_cpp", default=None, metavar="TYPES",
+              help="llama.cpp contenders, comma-separated GGUF types: source (the model's own GGUF), Q8_0, Q4_K_M, Q4_0, ... "
+                   "(builds llama.cpp once, minutes).")
 @click.option("--rounds", type=click.IntRange(1, 100), default=5, show_default=True, help="Interleaved measured rounds.")
 @click.option("--decode-tokens", type=click.IntRange(2, 4096), default=128, show_default=True)
 @click.option("--prompt-tokens", type=click.IntRange(1, 4096), default=64, show_default=True)
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="Threads for every contender (default: each runtime's).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def bench(bundles, out, model, no_eager, optimum, optimum_python, genai, rounds, decode_tokens, prompt_tokens, threads,
-          debug):
-    """Benchmark BUNDLES against PyTorch eager (and optimum-onnx) in one interleaved run, with the roofline."""
+def bench(bundles, out, model, no_eager, optimum, optimum_python, genai, llama_cpp, rounds, decode_tokens, prompt_tokens,
+          threads, debug):
+    """Benchmark BUNDLES against PyTorch eager (and optimum-onnx, llama.cpp) in one interleaved run, with the roofline."""
+    types = tuple(t.strip() for t in llama_cpp.split(",") if t.strip()) if llama_cpp else ()
     _run_guarded(lambda: _bench(bundles, out, model, no_eager, optimum, optimum_python, rounds, decode_tokens,
-                                prompt_tokens, threads, genai), debug)
+                                prompt_tokens, threads, genai, types), debug)
 
 
 def _bench(bundles, out, model, no_eager, optimum, optimum_python, rounds, decode_tokens, prompt_tokens, threads,
-           genai=False):
+           genai=False, llama_cpp=()):
     from . import bench as bench_mod
     from .errors import SlmExportError
     from .terminal import open_terminal
@@ -586,7 +590,7 @@ def _bench(bundles, out, model, no_eager, optimum, optimum_python, rounds, decod
         result = bench_mod.bench(list(bundles), out, model=model, eager=not no_eager,
                                  optimum=(optimum, optimum_python) if optimum else None, rounds=rounds,
                                  decode_tokens=decode_tokens, prompt_tokens=prompt_tokens, threads=threads,
-                                 progress=lambda msg: terminal(f"bench: {msg}"), genai=genai)
+                                 progress=lambda msg: terminal(f"bench: {msg}"), genai=genai, llama_cpp=llama_cpp)
     click.echo(bench_mod.markdown(result))
     click.echo(f"wrote {out}/bench.md, bench.csv, bench.json, bench.html")
 

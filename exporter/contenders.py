@@ -1,5 +1,6 @@
-"""Host-only benchmark contenders that are not our runners: PyTorch eager, optimum-onnx's export, and
-onnxruntime-genai's generation loop over an ONNX bundle (its genai_config.json).
+"""Host-only benchmark contenders that are not our runners: PyTorch eager, optimum-onnx's export,
+onnxruntime-genai's generation loop over an ONNX bundle (its genai_config.json), and llama.cpp on the
+GGUF the model came from and its requantizations.
 
 Both implement the device-side ``CausalLMRunner`` interface, so ``exporter.runtime.bench_worker``
 measures them with exactly the loop that measures the bundles. Imports are lazy: the optimum
@@ -122,6 +123,35 @@ class GenaiRunner(CausalLMRunner):
         return np.asarray(self.generator.get_output("logits"), dtype=np.float32)[0]
 
 
+class LlamaCppRunner(CausalLMRunner):
+    """llama.cpp (through llama-cpp-python, in its own environment) on a GGUF file: ``eval`` is the
+    step, ``scores`` its logits. ``logits_all`` makes the prefill compute every position's logits,
+    as our runners' graphs do, so prefill figures compare like with like."""
+
+    format = "gguf"
+    runtime_name = "llama.cpp"
+
+    def __init__(self, gguf: Path, threads: int | None = None, n_ctx: int = 1024):
+        import os
+
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False,
+                                   n_threads=int(threads or os.cpu_count() or 2))
+        super().__init__(Path(gguf).parent, {"max_context": n_ctx})
+        self.runtime_version = f"llama-cpp-python {llama_cpp.__version__}"
+        self.reset()
+
+    def reset(self) -> None:
+        self.llm.reset()  # the next eval drops the cache from position 0 on
+        self.position = 0
+
+    def forward(self, token_ids: Sequence[int]) -> np.ndarray:
+        self.llm.eval(list(token_ids))
+        self.position = self.llm.n_tokens
+        return np.array(self.llm.scores[self.position - len(token_ids): self.position], dtype=np.float32)
+
+
 def open_contender(kind: str, path: Path, threads: int | None):
     """Build the ``kind`` contender (``eager``: a model spec as ``--model`` takes; ``optimum``: a folder)."""
     if kind == "eager":
@@ -130,4 +160,6 @@ def open_contender(kind: str, path: Path, threads: int | None):
         return OptimumRunner(Path(path), threads)
     if kind == "genai":
         return GenaiRunner(Path(path), threads)
+    if kind == "llama_cpp":
+        return LlamaCppRunner(Path(path), threads)
     raise ValueError(f"unknown contender kind {kind!r}")

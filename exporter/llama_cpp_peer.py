@@ -2,8 +2,8 @@
 
 There is no llama.cpp wheel on PyPI: ``llama-cpp-python`` is an sdist that vendors llama.cpp and
 compiles it with the machine's cmake and C++ compiler (minutes of CPU). It is built once, into its
-own virtual environment under the model cache (``<cache>/llama-cpp/<version>``), so its build
-requirements never touch slm-export's environment; pip's wheel cache makes a rebuild quick.
+own virtual environment under the model cache (``<cache>/llama-cpp/<version>-<build id>``), so its
+build requirements never touch slm-export's environment.
 
 ``cross_check`` compares the loaded PyTorch model with llama.cpp on the *same GGUF file and tokens*:
 if transformers' GGUF conversion, the tokenizer or the config went wrong, the two disagree and the
@@ -12,6 +12,7 @@ export is refused (exporter/reference.py) instead of gating artifacts against a 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -33,6 +34,13 @@ READY = ".ready"  # written last: an environment without it is a half-finished b
 # Only the library is needed (no tests, examples, server or tools): about half the build time.
 CMAKE_ARGS = ("-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF "
               "-DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=ON")
+# Native code minus AMX: on a VM whose CPU reports AMX (Sapphire Rapids) ggml's AMX matmul segfaulted
+# on the first eval (gdb: ggml_backend_amx_mul_mat, 2026-12-02). Explicit -mno-* flags win over the
+# -march=native that GGML_NATIVE adds; AMX only speeds up large-batch prefill.
+COMPILER_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+# The environment's folder names the build settings too, so a build made with other settings (an
+# older slm-export's, with AMX) is never reused.
+BUILD_ID = hashlib.sha256(f"{CMAKE_ARGS}|{COMPILER_FLAGS}".encode()).hexdigest()[:8]
 # PyTorch (float weights dequantized from the GGUF) and llama.cpp (the quantized blocks, with its
 # own 8-bit activation rounding in the dot products) agree closely but not exactly; measured on
 # SmolLM2-135M: top-1 0.953, ppl +0.8%, tokens identical. A broken conversion or tokenizer lands far outside.
@@ -49,7 +57,7 @@ def env_dir(cache_dir: Path | None = None) -> Path:
     """Where llama.cpp's environment lives (built by ``ensure_environment``)."""
     from .loading import default_cache_dir
 
-    return (cache_dir or default_cache_dir()) / "llama-cpp" / VERSION
+    return (cache_dir or default_cache_dir()) / "llama-cpp" / f"{VERSION}-{BUILD_ID}"
 
 
 def python_of(env: Path) -> Path:
@@ -72,8 +80,11 @@ def ensure_environment(cache_dir: Path | None = None, progress: Callable[[str], 
     t0 = time.perf_counter()
     log = env.parent / f"build-{VERSION}.log"
     subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
-    cmd = [str(python_of(env)), "-m", "pip", "install", "--quiet", "numpy", PACKAGE]
-    build_env = {**os.environ, "CMAKE_ARGS": CMAKE_ARGS, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
+    # --no-cache-dir: pip's wheel cache keys a built wheel by the sdist alone, not by the compiler
+    # flags, so it would hand back a wheel built with other settings.
+    cmd = [str(python_of(env)), "-m", "pip", "install", "--quiet", "--no-cache-dir", "numpy", PACKAGE]
+    build_env = {**os.environ, "CMAKE_ARGS": CMAKE_ARGS, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2),
+                 "CFLAGS": COMPILER_FLAGS, "CXXFLAGS": COMPILER_FLAGS}
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=build_env)
         while proc.poll() is None:
@@ -105,6 +116,26 @@ def run_worker(python: Path, gguf: Path, windows: list[list[int]], text: str, th
             raise LlamaCppUnavailable(f"llama.cpp could not run {gguf.name}: {tail[0][:300]}")
         with np.load(out) as data:
             return {"logits": [data[f"logits_{i}"] for i in range(len(windows))], "text_ids": data["text_ids"].tolist()}
+
+
+def quantized(python: Path, gguf: Path, type_name: str, cache_dir: Path | None = None) -> Path:
+    """``gguf`` requantized to ``type_name`` by llama.cpp itself, cached beside its environment by the
+    source's sha256 (the same file every bench run, made once)."""
+    from .runtime.files import sha256_file
+
+    out = env_dir(cache_dir).parent / "quantized" / f"{sha256_file(gguf)[:16]}-{type_name.upper()}.gguf"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial")
+    proc = subprocess.run([str(python), "-I", str(WORKER), "--quantize", str(gguf), str(partial), type_name],
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    if proc.returncode != 0 or not partial.is_file():
+        partial.unlink(missing_ok=True)
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise LlamaCppUnavailable(f"llama.cpp could not quantize {gguf.name} to {type_name}: {tail[0][:300]}")
+    partial.replace(out)  # complete files only: an interrupted quantization is redone
+    return out
 
 
 def cross_check(loaded, windows: list[list[int]], ours: list[np.ndarray], build: bool = False, cache_dir: Path | None = None,

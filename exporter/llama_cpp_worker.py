@@ -1,6 +1,7 @@
 """Run inside llama.cpp's own environment (exporter/llama_cpp_peer.py): logits and tokens of a GGUF.
 
     python llama_cpp_worker.py MODEL.gguf REQUEST.json OUT.npz
+    python llama_cpp_worker.py --quantize SRC.gguf DST.gguf TYPE     (TYPE: Q8_0, Q4_0, Q4_K_M, ...)
 
 REQUEST.json: {"windows": [[token ids], ...], "text": "...", "threads": N}. OUT.npz holds
 ``logits_<i>`` (n, vocab) float32 for each window, evaluated from an empty cache, and ``text_ids``:
@@ -32,5 +33,23 @@ def main(model_path: str, request_path: str, out_path: str) -> None:
     np.savez(out_path, **arrays)
 
 
+def quantize(src: str, dst: str, type_name: str) -> None:
+    """llama.cpp's own quantizer (``llama_model_quantize``, what llama-quantize calls) from ``src``.
+
+    ``allow_requantize``: the source is itself quantized (the embedded Q4_1 GGUF); its weights are
+    dequantized and quantized again, as llama-quantize --allow-requantize does.
+    """
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type_name.upper()}")
+    params.allow_requantize = True
+    if llama_cpp.llama_model_quantize(src.encode(), dst.encode(), params) != 0:
+        raise SystemExit(f"llama_model_quantize {type_name} failed on {src}")
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    if sys.argv[1] == "--quantize":
+        quantize(*sys.argv[2:5])
+    else:
+        main(*sys.argv[1:4])

@@ -1,6 +1,6 @@
 """One benchmark contender in its own process, driven over stdin/stdout by ``exporter.bench``.
 
-    python -m exporter.runtime.bench_worker --kind bundle|eager|optimum|genai PATH [--threads N]
+    python -m exporter.runtime.bench_worker --kind bundle|eager|optimum|genai|llama_cpp PATH [--threads N]
 
 Every contender (an exported bundle, PyTorch eager, a peer's export) is a ``CausalLMRunner``, so one
 measurement loop serves all of them. Each lives in its own process so that its load time and peak
@@ -78,7 +78,7 @@ def serve(runner, stream_in=sys.stdin, stream_out=sys.stdout) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kind", choices=("bundle", "eager", "optimum", "genai"), required=True)
+    ap.add_argument("--kind", choices=("bundle", "eager", "optimum", "genai", "llama_cpp"), required=True)
     ap.add_argument("path", type=Path)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
