@@ -16,6 +16,13 @@ The greedy run is ``transformers_js.mjs`` beside this file, run with ``node``. T
 ``npm ci --prefix examples/predictive_text/web``, with ONNXRUNTIME_NODE_INSTALL=skip: onnxruntime-node's
 postinstall otherwise tries to download CUDA libraries; its CPU build is inside the npm package).
 Offline: local files only, remote models off, no file cache.
+
+Gemma-3: transformers.js feeds ``gemma3_text`` / ``gemma3`` (and paligemma) position ids that start at 1
+(``src/models/modeling_utils.js`` decoder_forward, ``create_position_ids(..., start_index = 1)``), ours and
+transformers' start at 0. Every RoPE angle is then shifted by one position; attention depends on relative
+positions only, so the logits agree up to rounding, but greedy tokens may part at a near-tie (the row then
+says "differs", with this reason). transformers.js gives no option to change it: it recomputes the
+positions at every step.
 """
 
 from __future__ import annotations
@@ -65,10 +72,14 @@ def load_options(spec: dict) -> dict:
     return {"subfolder": "" if folder == "." else folder, "model_file_name": artifact.stem, "dtype": "fp32"}
 
 
+ONE_BASED_POSITIONS = ("gemma3_text", "gemma3", "paligemma")  # transformers.js's decoder_forward list
+
+
 def _generate(bundle_dir: Path, manifest: dict, prompt_ids: list[int], n_tokens: int) -> GreedyRun:
     bundle_dir = Path(bundle_dir).resolve()  # transformers.js takes a relative "a/b" for a hub model id
+    spec = read_spec(bundle_dir)
     job = {"bundle_dir": str(bundle_dir), "prompt_ids": [int(t) for t in prompt_ids], "n_tokens": int(n_tokens),
-           "options": load_options(read_spec(bundle_dir))}
+           "options": load_options(spec)}
     proc = subprocess.run(["node", str(SCRIPT), str(node_modules()), json.dumps(job)], capture_output=True,
                           text=True, timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
     lines = proc.stdout.strip().splitlines()
@@ -78,8 +89,10 @@ def _generate(bundle_dir: Path, manifest: dict, prompt_ids: list[int], n_tokens:
         message = next((ln for ln in err if "Error" in ln), err[-1] if err else f"exit code {proc.returncode}")
         raise RuntimeError(f"transformers.js: {message.strip()}")
     out = json.loads(lines[-1])
-    return GreedyRun([int(t) for t in out["tokens"]], out.get("decode_tokens_per_s"),
-                     note=f"dtype {out.get('dtype')} (file name), load {out.get('load_s', 0):.1f} s")
+    note = f"dtype {out.get('dtype')} (file name), load {out.get('load_s', 0):.1f} s"
+    if spec.get("model_type") in ONE_BASED_POSITIONS:
+        note += f"; transformers.js feeds {spec['model_type']} position ids from 1 (ours from 0)"
+    return GreedyRun([int(t) for t in out["tokens"]], out.get("decode_tokens_per_s"), note=note)
 
 
 register(FieldRuntime(
