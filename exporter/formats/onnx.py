@@ -2,9 +2,9 @@
 
 Inputs ``input_ids``, ``attention_mask`` (past + new), ``position_ids``, ``past_key_values.{i}.key|value``
 (batch_size, kv_heads, past_sequence_length, head_dim); outputs ``logits`` and ``present.{i}.key|value``.
-These are the tensor and dimension names optimum and transformers.js use, so their runners and ours read the same graph; they are spelt in
-``exporter/runtime/spec.py`` and written into runtime.json. An app prefills the prompt with an empty
-past (past length 0) and then feeds one token at a time.
+These are the tensor and dimension names optimum and transformers.js use, so their runners and ours read
+the same graph; the tensor names are spelt in ``exporter/runtime/spec.py`` and written into runtime.json.
+An app prefills the prompt with an empty past (past length 0) and then feeds one token at a time.
 """
 
 from __future__ import annotations
