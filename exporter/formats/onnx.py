@@ -1,10 +1,10 @@
 """ONNX: one graph with a KV cache (dynamic batch, sequence and past length), run by onnxruntime.
 
 Inputs ``input_ids``, ``attention_mask`` (past + new), ``position_ids``, ``past_key_values.{i}.key|value``
-(batch, kv_heads, past, head_dim); outputs ``logits`` and ``present.{i}.key|value``. These are the names
-optimum and transformers.js use, so their runners and ours read the same graph; they are spelt in
-``exporter/runtime/spec.py`` and written into runtime.json. An app prefills the prompt with an empty
-past (past length 0) and then feeds one token at a time.
+(batch_size, kv_heads, past_sequence_length, head_dim); outputs ``logits`` and ``present.{i}.key|value``.
+These are the tensor and dimension names optimum and transformers.js use, so their runners and ours read
+the same graph; the tensor names are spelt in ``exporter/runtime/spec.py`` and written into runtime.json.
+An app prefills the prompt with an empty past (past length 0) and then feeds one token at a time.
 """
 
 from __future__ import annotations
@@ -104,7 +104,11 @@ def export_causal_lm(loaded, path: Path, spec: dict) -> None:
     mask = torch.ones(b, p + s, dtype=torch.long)
     pos = torch.arange(p, p + s).expand(b, s)
     past = tuple(torch.zeros(b, kv_heads, p, head_dim) for _ in range(2 * n_layers))
-    batch, seq, past_len, total = (torch.export.Dim(n) for n in ("batch", "seq", "past", "total"))
+    # optimum's dimension names: transformers.js sizes its empty first cache from the graph's input
+    # shapes, resolving the symbol "batch_size" (any other symbol, as "past_sequence_length", is 0); a
+    # batch dimension under another name gives it a (0, heads, 0, head_dim) cache that fails to reshape.
+    batch, seq, past_len, total = (torch.export.Dim(n) for n in (
+        "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"))
     # Keyed by the wrapper's argument names, which are not the graph's (those are input_names).
     dynamic_shapes = {
         "input_ids": {0: batch, 1: seq},
@@ -135,7 +139,7 @@ def export_encoder(loaded, path: Path, spec: dict) -> None:
 
     ids = torch.randint(0, loaded.config.vocab_size, (2, 7))
     mask = torch.ones(2, 7, dtype=torch.long)
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    batch, seq = torch.export.Dim("batch_size"), torch.export.Dim("sequence_length")  # optimum's names
     _export(_Encoder(loaded.model).eval(), (ids, mask),
             {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}, path,
             input_names=spec["inputs"], output_names=spec["outputs"])

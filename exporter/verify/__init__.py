@@ -56,6 +56,8 @@ class FieldRuntime:
     rejects the bundle. ``applies(manifest)`` returns None when the runtime applies to the bundle, or
     the reason it does not. ``distribution`` is the installed package whose version is reported, and
     ``install`` the hint when it is missing (``module`` is imported only to tell whether it is there).
+    A runtime that is not a Python package (transformers.js, a Node package) gives ``version()``
+    instead: the installed version or None, replacing the distribution and module check.
     """
 
     name: str
@@ -67,6 +69,7 @@ class FieldRuntime:
     applies: Callable[[dict], str | None] = lambda manifest: None
     is_ours: bool = False  # our own runner: the row the others are compared with
     order: int = 50  # table order (ours first)
+    version: Callable[[], str | None] | None = None  # set: replaces installed_version + the module check
 
 
 RUNTIMES: Registry[FieldRuntime] = Registry("runtime", __name__)
@@ -129,11 +132,11 @@ def verify(bundle_dir: Path, manifest: dict | None = None, only: tuple[str, ...]
     for rt in runtimes_for(manifest):
         if only and rt.name not in only and not rt.is_ours:
             continue
-        row = Row(rt.name, version=installed_version(rt.distribution) or "")
+        row = Row(rt.name, version=(rt.version() if rt.version else installed_version(rt.distribution)) or "")
         reason = rt.applies(manifest)
         if reason:
             row.status, row.message = NOT_APPLICABLE, reason
-        elif not row.version or importlib.util.find_spec(rt.module.split(".")[0]) is None:
+        elif not row.version or (rt.version is None and importlib.util.find_spec(rt.module.split(".")[0]) is None):
             row.status, row.message = NOT_INSTALLED, f"not installed: {rt.install or 'pip install ' + rt.distribution}"
         else:
             progress(f"verify: {rt.name} {row.version}")

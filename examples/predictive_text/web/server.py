@@ -20,7 +20,9 @@ from examples.common import AppError, resolve_bundle
 
 WEB = Path(__file__).resolve().parent
 ORT_DIST = WEB / "node_modules" / "onnxruntime-web" / "dist"
-NPM_CI = ["npm", "ci", "--prefix", "examples/predictive_text/web"]
+# ONNXRUNTIME_NODE_INSTALL=skip: transformers.js's onnxruntime-node would download CUDA libraries in its
+# postinstall (its CPU build is in the npm package); the page needs neither.
+NPM_CI = ["ONNXRUNTIME_NODE_INSTALL=skip", "npm", "ci", "--prefix", "examples/predictive_text/web"]
 PAGE_FILES = {"index.html", "app.js", "tokenizer.js", "predictor.js"}
 TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
          ".mjs": "text/javascript; charset=utf-8", ".wasm": "application/wasm",
