@@ -82,7 +82,7 @@ def test_verify_command_prints_the_table_and_json(bundles, tmp_path):
     assert result.exit_code == 0, result.output
     assert "onnxruntime-genai" in result.output and "greedy" in result.output
     rows = json.loads((tmp_path / "rows.json").read_text())
-    assert [r["runtime"] for r in rows] == ["slm-export", "onnxruntime-genai"]
+    assert [r["runtime"] for r in rows] == ["slm-export", "onnxruntime-genai", "transformers.js"]
     assert all(r["status"] == "ok" and r["loads"] for r in rows)
     assert "## Runtimes the bundle drops into" in (bundle / "report.md").read_text()
 
