@@ -176,7 +176,7 @@ def verify_runtimes(ctx: Context) -> None:
     """
     from . import verify
 
-    staged = {"format": ctx.plan.format, "model": {"kind": ctx.sections["model"].get("kind", "causal-lm")},
+    staged = {"format": ctx.plan.format, "model": {"kind": ctx.sections["model"].get("kind")},
               "files": {p.name: {} for p in ctx.staging.iterdir()}}
     with ctx.timed("verify_s"), task(ctx.progress, "verify: the bundle in the field's runtimes"):
         rows = verify.verify(ctx.staging, staged, progress=ctx.progress)

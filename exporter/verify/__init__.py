@@ -125,7 +125,7 @@ def verify(bundle_dir: Path, manifest: dict | None = None, only: tuple[str, ...]
 
     bundle_dir = Path(bundle_dir)
     manifest = manifest if manifest is not None else load_manifest(bundle_dir)
-    if manifest.get("model", {}).get("kind", "causal-lm") != "causal-lm":
+    if manifest.get("model", {}).get("kind") != "causal-lm":
         return []
     prompt, expected = greedy_case(bundle_dir)
     rows, ours = [], None
