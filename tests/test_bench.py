@@ -94,6 +94,7 @@ def test_memory_bandwidth_is_measured():
     assert 0.1 < bench.memory_bandwidth_gb_s(mbytes=32, repeats=2) < 10_000
 
 
+@pytest.mark.slow
 def test_bench_runs_onnx_bundles_through_onnxruntime_genai_too(onnx_bundles, tiny_model_dir, tmp_path):
     """--genai: each ONNX bundle also runs in onnxruntime-genai's loop; same graph, so the same logits."""
     out = tmp_path / "bench"
