@@ -41,6 +41,11 @@ class GreedyRun:
     tokens: list[int]
     decode_tokens_per_s: float | None = None
     note: str = ""
+    # A runtime that ends generation at a stop token (LiteRT-LM) returns fewer tokens, without the
+    # stop token itself: ``stopped`` says so, ``stop_tokens`` are the ids it stops at. Its tokens then
+    # equal another run's if they are that run's first ones and that run's next token is a stop token.
+    stopped: bool = False
+    stop_tokens: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,7 @@ class Row:
     decode_tokens_per_s: float | None = None
     tokens: list[int] = field(default_factory=list)
     message: str = ""
+    stop_tokens: tuple[int, ...] = ()  # set when the runtime stopped at one of these (see GreedyRun)
 
 
 def installed_version(distribution: str) -> str | None:
@@ -139,17 +145,27 @@ def verify(bundle_dir: Path, manifest: dict | None = None, only: tuple[str, ...]
             else:
                 row.loads, row.tokens, row.message = True, list(run.tokens), run.note
                 row.decode_tokens_per_s = run.decode_tokens_per_s
-                row.same_as_reference = row.tokens == expected
+                row.stop_tokens = tuple(run.stop_tokens) if run.stopped else ()
+                row.same_as_reference = same_greedy(row, expected)
         if rt.is_ours:
             ours = row
         rows.append(row)
     for row in rows:
         if row.loads and ours is not None and ours.loads:
-            row.same_as_ours = row.tokens == ours.tokens
+            row.same_as_ours = same_greedy(row, ours.tokens)
             if row is not ours and not row.same_as_ours:
                 row.status = DIFFERS
                 row.message = (row.message + "; " if row.message else "") + first_difference(ours.tokens, row.tokens)
     return rows
+
+
+def same_greedy(row: Row, tokens: list[int]) -> bool:
+    """Are ``row``'s greedy tokens ``tokens``? A row that stopped at a stop token matches their first ones
+    if the next of ``tokens`` is one of its stop tokens."""
+    if not row.stop_tokens:
+        return row.tokens == tokens
+    k = len(row.tokens)
+    return tokens[:k] == row.tokens and len(tokens) > k and tokens[k] in row.stop_tokens
 
 
 def first_difference(ours: list[int], theirs: list[int]) -> str:
