@@ -1,9 +1,10 @@
 """LiteRT-LM: the ``model.litertlm`` a tflite causal-LM bundle carries for LiteRT's own LLM runtime.
 
 A ``.litertlm`` file (built with litert-lm-builder) is a header plus sections: LlmMetadata (start and
-stop tokens, the chat template, the context), the HF tokenizer (``tokenizer.json``, zlib) and a TFLite
-section of model type ``prefill_decode``. litert-torch's own generative export (``export_hf``:
-``core/litert_lm_builder.py`` ``package_model`` / ``build_llm_metadata``) packs exactly these three.
+stop tokens, the chat template, the context), ExecutorMetadata (the cache tensors as state buffers with
+their sequence axis), the HF tokenizer (``tokenizer.json``, zlib) and a TFLite section of model type
+``prefill_decode``. litert-torch's own generative export (``export_hf``: ``core/litert_lm_builder.py``
+``package_model`` / ``build_llm_metadata``, ``model_ext/metadata_builder.py``) packs exactly these.
 
 The TFLite section is the bundle's ``model.tflite`` as it is: LiteRT-LM's CPU executor
 (``runtime/executor/litert_compiled_model_executor_utils.cc`` and ``llm_litert_compiled_model_executor.cc``
@@ -18,8 +19,15 @@ of google-ai-edge/LiteRT-LM) finds
 Our tflite export names its tensors that way (``exporter/runtime/spec.py``), so one flatbuffer serves
 both runners; the weights are stored twice in the bundle (model.tflite and inside model.litertlm),
 which the artifact notes say with sizes. Litert-torch's export writes the V cache transposed
-(``v_ts_idx=3``); LiteRT-LM's CPU path does not read cache contents, so our (1, kv, slot, head_dim)
-layout for both K and V runs unchanged.
+(``v_ts_idx=3``); ours is (1, kv, slot, head_dim) for K and V, and the ExecutorMetadata says so.
+
+Measured (2026-12-02, litert-lm-api 0.18.1, CPU): tiny fp32 models give our runner's greedy tokens
+exactly; on SmolLM2-135M (fp32 and int8-dynamic) LiteRT-LM's greedy tokens equal ours while the model is
+confident (the chat prompt's "The capital of France is Paris." up to <|im_end|>) but part from ours,
+PyTorch's (fp32, fp16 and bf16) and LiteRT's own CompiledModel on the same flatbuffer within a few tokens
+of plain text (0 of 10 eval sentences identical over 16 tokens). Not the cause (each tried): the sampler
+(top_k 1; seeds, top_p, temperature), the activation type, LiteRT-LM's prefill sequence (zero-padded
+positions, last prompt token held back for decode), in-place cache buffers, this ExecutorMetadata.
 """
 
 from __future__ import annotations
@@ -94,6 +102,31 @@ def llm_metadata(loaded, spec: dict):
     return meta
 
 
+def executor_metadata(spec: dict):
+    """ExecutorMetadata: each layer's cache tensors as LiteRT-LM state buffers, with their sequence axis.
+
+    litert-torch writes it for every model (``model_ext/metadata_builder.py`` ``build_executor_metadata``),
+    with its layout: K (1, kv, seq, d) at axis 2, V transposed (1, kv, d, seq) at axis 3. Ours keeps V as
+    (1, kv, seq, d), so both are axis 2 here; sliding-window layers are declared global, as litert-torch
+    does without a ring buffer (our graph masks the window itself over the full cache).
+    """
+    from litert_lm_builder.runtime.proto import executor_metadata_pb2 as pb
+
+    meta = pb.ExecutorMetadata()
+    llm = meta.llm_executor_metadata
+    axis = spec["cache"]["layout"].index("seq")
+    for name in spec["cache"]["inputs"]:
+        buffer = llm.state_buffers.add()
+        buffer.prefill_input_name = buffer.prefill_output_name = name
+        buffer.decode_input_name = buffer.decode_output_name = name
+        buffer.policy = pb.StateBuffer.POLICY_DEFAULT
+        key = name.startswith("kv_cache_k_")
+        buffer.type = pb.StateBuffer.TYPE_GLOBAL_KEY_CACHE if key else pb.StateBuffer.TYPE_GLOBAL_VALUE_CACHE
+        buffer.sequence_axis = axis
+        buffer.maximum_sequence_length = int(spec["max_context"])
+    return meta
+
+
 def build(loaded, spec: dict, tflite_path: Path, out_path: Path) -> list[str]:
     """Write ``out_path`` (.litertlm) from the converted ``tflite_path``; return the notes."""
     import litert_lm_builder as llb
@@ -109,6 +142,9 @@ def build(loaded, spec: dict, tflite_path: Path, out_path: Path) -> list[str]:
             builder = llb.LitertLmFileBuilder()
             builder.add_system_metadata(llb.Metadata(key="Authors", value="slm-export", dtype=llb.DType.STRING))
             builder.add_llm_metadata(str(meta_path))
+            executor_path = Path(tmp) / "executor_metadata.pb"
+            executor_path.write_bytes(executor_metadata(spec).SerializeToString())
+            builder.add_executor_metadata(str(executor_path))
             builder.add_hf_tokenizer(str(tokenizer_json))
             # float32 activations: what the parity gate measured (LiteRT-LM's CPU default for a text
             # decoder is fp16).
