@@ -21,7 +21,6 @@ first to the last (LiteRT-LM's own benchmark figure for the turn is in the note)
 
 from __future__ import annotations
 
-import ctypes
 import queue
 import tempfile
 import time
