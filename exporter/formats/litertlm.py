@@ -28,6 +28,8 @@ PyTorch's (fp32, fp16 and bf16) and LiteRT's own CompiledModel on the same flatb
 of plain text (0 of 10 eval sentences identical over 16 tokens). Not the cause (each tried): the sampler
 (top_k 1; seeds, top_p, temperature), the activation type, LiteRT-LM's prefill sequence (zero-padded
 positions, last prompt token held back for decode), in-place cache buffers, this ExecutorMetadata.
+Gemma-3-270M int8-dynamic agrees far better: 64 plain-text tokens identical, and where the eval
+sentences part (8 of 10 within 16 tokens) our logits have near-ties there (margins 0.03-0.2).
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ terms:
     ``start_token`` itself;
   * each streamed chunk is mapped back to the token id whose ``detokenize`` is that text (a table
     over the vocabulary, built with the engine's tokenizer). A chunk that is no single token's text
-    (several tokens of one UTF-8 character) or the text of several ids is resolved with ``tokenize`` or
-    the smallest id, and the run's note says how many were;
+    (several tokens of one UTF-8 character) is re-tokenized; the text of several ids (Gemma has more than
+    one "," and ".") becomes the id ``tokenize`` makes of it, else the smallest; the note counts them;
   * sampling is greedy (top-p sampling with top_k = 1), activations float32, no prompt template.
 
 LiteRT-LM ends generation at the metadata's stop tokens (the run says so: ``GreedyRun.stopped``).
@@ -138,7 +138,11 @@ def _ids(chunks: list[str], table: dict[str, list[int]], engine) -> tuple[list[i
             ids.append(candidates[0])
             continue
         guessed += 1
-        ids.extend([min(candidates)] if candidates else engine.tokenize(text))
+        if candidates:  # several ids with this text: the one the tokenizer itself makes of it, else the smallest
+            canonical = engine.tokenize(text)
+            ids.append(canonical[0] if len(canonical) == 1 and canonical[0] in candidates else min(candidates))
+        else:
+            ids.extend(engine.tokenize(text))
     return ids, guessed
 
 
