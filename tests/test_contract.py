@@ -28,7 +28,9 @@ def test_each_format_names_its_tensors_once():
     assert onnx["cache"]["outputs"][0] == "present.0.key" and onnx["cache"]["max_context"] is None
     tflite = contract_fields("tflite", "causal-lm", LAYERS, 64, [16, 32])
     assert tflite["signatures"] == {"prefill_16": 16, "prefill_32": 32, "decode": 1}
-    assert tflite["cache"]["inputs"] == tflite["cache"]["outputs"] == ["k_0", "v_0", "k_1", "v_1"]
+    # LiteRT-LM's cache names (its executor finds the cache by the kv_cache_k_ / kv_cache_v_ prefix)
+    assert tflite["cache"]["inputs"] == tflite["cache"]["outputs"] == ["kv_cache_k_0", "kv_cache_v_0",
+                                                                       "kv_cache_k_1", "kv_cache_v_1"]
     pte = contract_fields("pte", "causal-lm", LAYERS, 64)
     assert pte["method"] == "forward" and pte["inputs"] == ["tokens", "input_pos"] and pte["cache"]["inputs"] == []
     assert contract_fields("tflite", "encoder", lengths=[32, 64])["signatures"] == {"encode_32": 32, "encode_64": 64}
@@ -42,6 +44,10 @@ def test_bundles_from_before_the_contract_get_the_names_they_were_exported_with(
     assert contract(old)["cache"] == onnx_spec()["cache"] and contract_problem(old) is None
     old_tflite = {"format": "tflite", "kind": "encoder", "signature": "encode", "max_context": 128}
     assert contract(old_tflite)["signatures"] == {"encode": 128}
+    # a tflite causal LM from before the contract was built with k_<i> / v_<i> (not LiteRT-LM's names)
+    old_lm = {"format": "tflite", "kind": "causal-lm", "num_layers": LAYERS, "max_context": 64,
+              "signatures": {"prefill_8": 8, "decode": 1}}
+    assert contract(old_lm)["cache"]["inputs"] == ["k_0", "v_0", "k_1", "v_1"] and contract_problem(old_lm) is None
 
 
 @pytest.mark.parametrize("change, message", [

@@ -83,7 +83,8 @@ def test_signatures_and_spec(build):
     assert spec["format"] == "tflite" and spec["max_context"] == MAX_CONTEXT
     assert spec["signatures"] == {"prefill_8": 8, "prefill_16": 16, "decode": 1}
     assert spec["inputs"] == ["tokens", "input_pos"] and spec["outputs"] == ["logits"]
-    assert spec["cache"] == {"inputs": ["k_0", "v_0", "k_1", "v_1"], "outputs": ["k_0", "v_0", "k_1", "v_1"],
+    cache = ["kv_cache_k_0", "kv_cache_v_0", "kv_cache_k_1", "kv_cache_v_1"]  # LiteRT-LM's names
+    assert spec["cache"] == {"inputs": cache, "outputs": cache,
                              "layout": ["batch", "kv_heads", "seq", "head_dim"], "max_context": MAX_CONTEXT}
     from ai_edge_litert.interpreter import Interpreter
 

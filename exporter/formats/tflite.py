@@ -4,7 +4,7 @@ litert-torch cannot convert a dynamic sequence length, so a causal LM is exporte
 own generative examples do it: fixed-shape signatures sharing one set of weights,
 
   ``prefill_<N>`` for each N in ``ExportOptions.prefill_lengths``: ``tokens`` (1, N) int32 (a prompt
-  padded to N), ``input_pos`` (N,) int32 (its positions, consecutive), the KV cache ``k_<i>``/``v_<i>``
+  padded to N), ``input_pos`` (N,) int32 (its positions, consecutive), the KV cache ``kv_cache_k_<i>``/``kv_cache_v_<i>``
   (1, kv_heads, max_context, head_dim) per layer; outputs ``logits`` (1, N, vocab) and the updated cache;
   ``decode``: the same with one token.
 
@@ -81,7 +81,8 @@ def _explicit_cache_classes():
             return self.keys.shape[2]
 
     class CausalLMWithExplicitCache(torch.nn.Module):
-        """``forward(tokens, input_pos, k_0, v_0, ...) -> {logits, k_0, v_0, ...}`` over an HF causal LM.
+        """``forward(tokens, input_pos, kv_cache_k_0, kv_cache_v_0, ...) -> {logits, kv_cache_k_0, ...}`` over an HF
+        causal LM.
 
         The keyword names become the signatures' tensor names, so they are the spec's (its contract):
         ``names`` maps the roles tokens / positions / logits to them, ``cache`` lists the cache tensors
@@ -316,7 +317,7 @@ def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for dist in ("litert-torch", "ai-edge-quantizer", "ai-edge-litert"):
+    for dist in ("litert-torch", "ai-edge-quantizer", "ai-edge-litert", "litert-lm-builder"):
         try:
             out[dist] = version(dist)
         except PackageNotFoundError:
@@ -348,7 +349,22 @@ class TFLiteFormat(Format):
             notes += quant_notes
         (Path(out_dir) / MODEL_FILE).write_bytes(data)
         spec["converter"] = _versions()
+        if loaded.kind == "causal-lm":
+            self._pack_litertlm(loaded, spec, Path(out_dir), options, notes)
         return Artifact("tflite", recipe, [MODEL_FILE], spec, notes)
+
+    @staticmethod
+    def _pack_litertlm(loaded, spec: dict, out_dir: Path, options: ExportOptions, notes: list[str]) -> None:
+        """``model.litertlm`` beside the .tflite, for LiteRT-LM (``exporter/formats/litertlm.py``).
+
+        It is not one of the artifact's files (the size against fp32 and the parity are model.tflite's);
+        the manifest hashes it like every file of the bundle, and runtime.json names it."""
+        from exporter.formats import litertlm
+
+        with task(options.progress, f"export: packing {litertlm.LITERTLM_FILE} for LiteRT-LM (litert-lm-builder)"):
+            notes += litertlm.build(loaded, spec, out_dir / MODEL_FILE, out_dir / litertlm.LITERTLM_FILE)
+        if (out_dir / litertlm.LITERTLM_FILE).is_file():
+            spec["litertlm"] = litertlm.LITERTLM_FILE
 
     @staticmethod
     def _convert_causal(loaded, recipe: str, options: ExportOptions) -> tuple[bytes, dict, list[str]]:

@@ -56,14 +56,19 @@ MAX_TOKENS_PER_CALL = 1 << 20
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,127}")
 
 
-def cache_names(fmt: str, num_layers: int) -> tuple[list[str], list[str]]:
-    """(cache inputs, cache outputs) of a causal LM graph of ``num_layers`` layers in format ``fmt``."""
+def cache_names(fmt: str, num_layers: int, legacy: bool = False) -> tuple[list[str], list[str]]:
+    """(cache inputs, cache outputs) of a causal LM graph of ``num_layers`` layers in format ``fmt``.
+
+    TFLite's are LiteRT-LM's names (``kv_cache_k_<i>`` / ``kv_cache_v_<i>``: its executor finds the cache
+    by that prefix), so the same flatbuffer runs in our runner and in LiteRT-LM; ``legacy``: the
+    ``k_<i>`` / ``v_<i>`` of bundles written before the contract (read with the names they were built with).
+    """
     layers = range(int(num_layers))
     if fmt == "onnx":
         return ([f"past_key_values.{i}.{kv}" for i in layers for kv in ("key", "value")],
                 [f"present.{i}.{kv}" for i in layers for kv in ("key", "value")])
     if fmt == "tflite":  # each signature returns the updated cache under its input's name
-        names = [f"{kv}_{i}" for i in layers for kv in "kv"]
+        names = [f"{'' if legacy else 'kv_cache_'}{kv}_{i}" for i in layers for kv in "kv"]
         return names, list(names)
     return [], []  # pte: the program's mutable buffers hold the cache
 
@@ -76,13 +81,14 @@ def signature_names(kind: str, lengths: list[int]) -> dict[str, int]:
 
 
 def contract_fields(fmt: str, kind: str, num_layers: int = 0, max_context: int | None = None,
-                    lengths: list[int] | None = None) -> dict:
-    """The contract fields a format writes into runtime.json (``lengths``: tflite's signature lengths)."""
+                    lengths: list[int] | None = None, legacy: bool = False) -> dict:
+    """The contract fields a format writes into runtime.json (``lengths``: tflite's signature lengths;
+    ``legacy``: the cache names of bundles from before the contract)."""
     ins, outs = _IO[(fmt, kind)]
     fields = {"contract": CONTRACT_VERSION, "inputs": [n for _, n in ins], "outputs": [n for _, n in outs],
               "cache": None}
     if kind == "causal-lm":
-        cache_in, cache_out = cache_names(fmt, num_layers)
+        cache_in, cache_out = cache_names(fmt, num_layers, legacy)
         fields["cache"] = {"inputs": cache_in, "outputs": cache_out, "layout": list(CACHE_LAYOUT),
                            "max_context": max_context}
     if fmt == "tflite":
@@ -101,7 +107,7 @@ def contract(spec: dict) -> dict:
     if (fmt, kind) not in _IO:
         return spec
     layers = spec.get("num_layers")
-    fields = contract_fields(fmt, kind, layers if _is_count(layers) else 0, spec.get("max_context"))
+    fields = contract_fields(fmt, kind, layers if _is_count(layers) else 0, spec.get("max_context"), legacy=True)
     if fmt == "tflite":  # the signatures were written already; older encoders had one, "signature"
         fields["signatures"] = spec.get("signatures") or {spec.get("signature", "encode"): spec.get("max_context") or 1}
     return {**spec, **fields}

@@ -45,6 +45,11 @@ class GreedyRun:
     # A runtime whose API yields text pieces, not ids (ExecuTorch's runner): its pieces, compared with
     # the others' tokens decoded one by one with the bundle's tokenizer.
     pieces: list[str] | None = None
+    # A runtime that ends generation at a stop token (LiteRT-LM) returns fewer tokens, without the
+    # stop token itself: ``stopped`` says so, ``stop_tokens`` are the ids it stops at. Its tokens then
+    # equal another run's if they are that run's first ones and that run's next token is a stop token.
+    stopped: bool = False
+    stop_tokens: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,7 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     pieces: list[str] | None = None
     message: str = ""
+    stop_tokens: tuple[int, ...] = ()  # set when the runtime stopped at one of these (see GreedyRun)
 
 
 def installed_version(distribution: str) -> str | None:
@@ -148,6 +154,7 @@ def verify(bundle_dir: Path, manifest: dict | None = None, only: tuple[str, ...]
             else:
                 row.loads, row.tokens, row.pieces, row.message = True, list(run.tokens), run.pieces, run.note
                 row.decode_tokens_per_s = run.decode_tokens_per_s
+                row.stop_tokens = tuple(run.stop_tokens) if run.stopped else ()
         if rt.is_ours:
             ours = row
         rows.append(row)
@@ -155,9 +162,9 @@ def verify(bundle_dir: Path, manifest: dict | None = None, only: tuple[str, ...]
     for row in rows:
         if not row.loads:
             continue
-        row.same_as_reference = pieces(row) == pieces(expected) if row.pieces else row.tokens == expected
+        row.same_as_reference = same_greedy(row, expected, pieces)
         if ours is not None and ours.loads:
-            row.same_as_ours = pieces(row) == pieces(ours) if row.pieces else row.tokens == ours.tokens
+            row.same_as_ours = same_greedy(row, ours.tokens, pieces)
             if row is not ours and not row.same_as_ours:
                 row.status = DIFFERS
                 diff = first_difference(pieces(ours), pieces(row)) if row.pieces else first_difference(ours.tokens, row.tokens)
@@ -181,6 +188,18 @@ def _piece_decoder(bundle_dir: Path, rows: list[Row]) -> Callable:
         return decode(item)
 
     return pieces
+
+
+def same_greedy(row: Row, tokens: list[int], pieces: Callable) -> bool:
+    """Are ``row``'s greedy outputs ``tokens``? A row of text pieces is compared with ``tokens`` decoded
+    one by one; a row that stopped at a stop token matches their first ones if the next of ``tokens``
+    is one of its stop tokens."""
+    if row.pieces is not None:
+        return row.pieces == pieces(tokens)
+    if not row.stop_tokens:
+        return row.tokens == tokens
+    k = len(row.tokens)
+    return tokens[:k] == row.tokens and len(tokens) > k and tokens[k] in row.stop_tokens
 
 
 def first_difference(ours: list, theirs: list) -> str:
