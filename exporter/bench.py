@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SlmExportError
+from .formats.onnx_genai import GENAI_CONFIG
 from .htmlpage import esc, figure_png, img, page_head, pyplot
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -395,7 +396,7 @@ def bench(bundles: list[Path], out_dir: Path, model: str | None = None, eager: b
     contenders = [eager_contender(model, loaded)] if eager else []
     contenders += [bundle_contender(b) for b in bundles]
     if genai:
-        contenders += [genai_contender(b) for b in bundles if (Path(b) / "genai_config.json").exists()]
+        contenders += [genai_contender(b) for b in bundles if (Path(b) / GENAI_CONFIG).exists()]
     if optimum:
         contenders.append(optimum_contender(*optimum))
     if llama_cpp:

@@ -163,9 +163,9 @@ def _export(req, verbose: bool = False) -> None:
     if manifest.get("device"):
         out.print(_latency_table("latency on the device", manifest["device"]["latency"]))
     if manifest.get("runtimes"):
-        from .verify import Row
+        from .verify import rows_from_json
 
-        out.print(verify_table([Row(**row) for row in manifest["runtimes"]], "the bundle in the field's runtimes"))
+        out.print(verify_table(rows_from_json(manifest), "the bundle in the field's runtimes"))
     out.print(_summary_table(manifest, req.out, time.perf_counter() - terminal.start))
 
 
@@ -406,14 +406,12 @@ def _verify(bundle_dir: Path, runtimes: tuple[str, ...], json_path: Path | None)
     from . import verify
     from .errors import RuntimeRejectedBundle
     from .runtime.base import verify as check_files
-    from .runtime.files import load_manifest
 
     known = verify.RUNTIMES.names()
     unknown = [r for r in runtimes if r not in known]
     if unknown:
         raise SlmExportError(f"unknown runtime {', '.join(unknown)}; choose from: {', '.join(known)}")
-    check_files(bundle_dir)  # hashes and sizes against the manifest: a tampered bundle is refused first
-    manifest = load_manifest(bundle_dir)
+    manifest = check_files(bundle_dir)  # hashes and sizes against the manifest: a tampered bundle is refused first
     rows = verify.verify(bundle_dir, manifest, only=runtimes)
     if not rows:
         raise SlmExportError(f"{bundle_dir} holds a {manifest.get('model', {}).get('kind')} model: the field "

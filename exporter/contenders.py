@@ -106,7 +106,9 @@ class GenaiRunner(CausalLMRunner):
             config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": int(threads)}}}}))
         self._og = og
         self.model = og.Model(config)
-        spec = json.loads((Path(bundle) / "genai_config.json").read_text())
+        from exporter.formats.onnx_genai import GENAI_CONFIG
+
+        spec = json.loads((Path(bundle) / GENAI_CONFIG).read_text())
         super().__init__(Path(bundle), {"max_context": spec["search"]["max_length"]})
         self.runtime_version = getattr(og, "__version__", "")
         self.reset()

@@ -112,10 +112,15 @@ def run_worker(python: Path, gguf: Path, windows: list[list[int]], text: str, th
         except subprocess.TimeoutExpired:
             raise LlamaCppUnavailable(f"llama.cpp did not finish within {TIMEOUT_S} s on {gguf.name}") from None
         if proc.returncode != 0 or not out.is_file():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise LlamaCppUnavailable(f"llama.cpp could not run {gguf.name}: {tail[0][:300]}")
+            raise LlamaCppUnavailable(f"llama.cpp could not run {gguf.name}: {_last_line(proc)}")
         with np.load(out) as data:
             return {"logits": [data[f"logits_{i}"] for i in range(len(windows))], "text_ids": data["text_ids"].tolist()}
+
+
+def _last_line(proc: subprocess.CompletedProcess) -> str:
+    """The worker's last line of output (its error), shortened."""
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+    return tail[0][:300]
 
 
 def quantized(python: Path, gguf: Path, type_name: str, cache_dir: Path | None = None) -> Path:
@@ -132,8 +137,7 @@ def quantized(python: Path, gguf: Path, type_name: str, cache_dir: Path | None =
                           capture_output=True, text=True, timeout=TIMEOUT_S)
     if proc.returncode != 0 or not partial.is_file():
         partial.unlink(missing_ok=True)
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise LlamaCppUnavailable(f"llama.cpp could not quantize {gguf.name} to {type_name}: {tail[0][:300]}")
+        raise LlamaCppUnavailable(f"llama.cpp could not quantize {gguf.name} to {type_name}: {_last_line(proc)}")
     partial.replace(out)  # complete files only: an interrupted quantization is redone
     return out
 

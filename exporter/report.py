@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .htmlpage import VERDICT_CSS, esc, figure_png, human_bytes, img, page_head, pyplot
-from .verify import TABLE_HEADER as RUNTIME_HEADER, Row, table_rows
+from .verify import TABLE_HEADER as RUNTIME_HEADER, rows_from_json, table_rows
 
 PARITY_ROWS = (
     ("max_abs_err", "max |logit error|", "{:.4g}"),
@@ -187,7 +187,7 @@ def markdown(manifest: dict) -> str:
 
 def runtime_rows(m: dict) -> list[tuple[str, ...]]:
     """The verify table's cells of the manifest's ``runtimes`` section (exporter/verify)."""
-    return table_rows([Row(**row) for row in m.get("runtimes") or []])
+    return table_rows(rows_from_json(m))
 
 
 def _pct(x) -> str:

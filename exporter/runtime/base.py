@@ -128,15 +128,19 @@ def check_spec(spec: dict, where: object = RUNTIME_SPEC) -> None:
         raise RunnerError(f"{where}: {problem}")
 
 
-def verify(bundle_dir: Path) -> None:
-    """Check the bundle against its manifest before anything is loaded; RunnerError on any difference."""
+def verify(bundle_dir: Path) -> dict:
+    """Check the bundle against its manifest before anything is loaded; RunnerError on any difference.
+
+    Returns the manifest it checked against."""
     try:
-        problems = verify_bundle(bundle_dir, load_manifest(bundle_dir))
+        manifest = load_manifest(bundle_dir)
+        problems = verify_bundle(bundle_dir, manifest)
     except BundleFileError as e:
         raise RunnerError(f"{bundle_dir} cannot be verified: {e}") from None
     if problems:
         shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
         raise RunnerError(f"{bundle_dir} does not match its manifest: {shown}")
+    return manifest
 
 
 def open_runner(bundle_dir: Path, spec: dict | None = None, verify_files: bool = True, **options):

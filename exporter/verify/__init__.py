@@ -25,10 +25,8 @@ import numpy as np
 
 from ..quiet import quiet
 from ..registry import Registry
+from ..runtime.base import REFERENCE_FILE
 from ..runtime.files import load_manifest
-
-REFERENCE_FILE = "parity_reference.npz"
-GREEDY_TOKENS = 16  # the reference's greedy tokens shipped in the bundle (parity.write_reference)
 
 # Statuses of a row. Only FAILED (the runtime is installed and rejects or crashes on the bundle) makes
 # the export fail; DIFFERS is reported (a runtime with other kernels may flip a near-tie).
@@ -167,7 +165,8 @@ def verify(bundle_dir: Path, manifest: dict | None = None, only: tuple[str, ...]
             row.same_as_ours = same_greedy(row, ours.tokens, pieces)
             if row is not ours and not row.same_as_ours:
                 row.status = DIFFERS
-                diff = first_difference(pieces(ours), pieces(row)) if row.pieces else first_difference(ours.tokens, row.tokens)
+                diff = (first_difference(pieces(ours), pieces(row)) if row.pieces is not None
+                        else first_difference(ours.tokens, row.tokens))
                 row.message = (row.message + "; " if row.message else "") + diff
     return rows
 
@@ -176,7 +175,7 @@ def _piece_decoder(bundle_dir: Path, rows: list[Row]) -> Callable:
     """``pieces(row or token list)``: a row's text pieces, or its tokens decoded one by one (needed
     only when some runtime reports pieces; the bundle's tokenizer.json decodes)."""
     decode = None
-    if any(r.pieces for r in rows):
+    if any(r.pieces is not None for r in rows):
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(str(bundle_dir / "tokenizer.json"))
@@ -218,6 +217,11 @@ def failed(rows: list[Row]) -> list[Row]:
 def as_json(rows: list[Row]) -> list[dict]:
     """The rows for the manifest (without the tokens themselves)."""
     return [{k: v for k, v in dataclasses.asdict(r).items() if k not in ("tokens", "pieces")} for r in rows]
+
+
+def rows_from_json(manifest: dict) -> list[Row]:
+    """The rows of a manifest's ``runtimes`` section (what ``as_json`` wrote)."""
+    return [Row(**row) for row in manifest.get("runtimes") or []]
 
 
 def table_rows(rows: list[Row]) -> list[tuple[str, ...]]:
