@@ -289,6 +289,10 @@ def _explain(recipe_name: str, fmt_name: str | None, model: str | None, group_si
     console.print(f"[bold]{recipe.name}[/bold]: {recipe.description}")
     th = {k: v for k, v in vars(recipe.thresholds).items() if v not in (None, False)}
     console.print("parity thresholds: " + ", ".join(f"{k} {v}" for k, v in th.items()))
+    if recipe.source_grid_thresholds is not None:
+        carried = {k: v for k, v in vars(recipe.source_grid_thresholds).items() if v not in (None, False)}
+        console.print("  when the artifact carries a quantized source's 4-bit blocks: "
+                      + ", ".join(f"{k} {v}" for k, v in carried.items()))
     for f in formats:
         rules = recipe.plan(f)
         table = Table(title=f"{f} plan (first matching rule wins; layers no rule takes stay float)")
@@ -305,7 +309,12 @@ def _explain(recipe_name: str, fmt_name: str | None, model: str | None, group_si
 
         loaded = load_model(model)
         for f in formats:
-            rows = explain(recipe, f, loaded.family, loaded.model, group_size)
+            source = None
+            if recipe.name == "int4-weight" and loaded.kind == "causal-lm":
+                from .source_grid import plan_for_format
+
+                source = plan_for_format(loaded.model, loaded.family, recipe.name, f, group_size)
+            rows = explain(recipe, f, loaded.family, loaded.model, group_size, source)
             table = Table(title=f"{f}: what each layer of {loaded.identity.get('model_type')} "
                                 f"({loaded.family.name} family) gets")
             for col in ("layer", "role", "gets", "why"):

@@ -98,7 +98,7 @@ def encoder_reference(loaded, ids: list[int]) -> np.ndarray:
 def evaluate(loaded, runner, recipe: str, window: int = 128, max_windows: int = 3, greedy_tokens: int = 32,
              progress: Callable[[str], None] = lambda m: None) -> dict:
     """Parity metrics of ``runner`` against ``loaded.model`` and whether ``recipe``'s thresholds hold."""
-    thresholds = get_recipe(recipe).thresholds
+    thresholds = get_recipe(recipe).thresholds_for(getattr(runner, "spec", None))
     if loaded.kind == "sequence-classifier":
         metrics = _classifier_metrics(loaded, runner)
     elif isinstance(runner, EncoderRunner):

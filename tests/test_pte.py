@@ -153,7 +153,8 @@ def test_int4_weight_keeps_the_sensitive_layers_at_8_bits():
                       num_hidden_layers=1, vocab_size=100, tie_word_embeddings=False)
     from exporter.families import FAMILIES
 
-    model = pte_quant.prepare_eager(LlamaForCausalLM(cfg).eval(), "int4-weight", 32, FAMILIES.get("llama"))
+    model, source = pte_quant.prepare_eager(LlamaForCausalLM(cfg).eval(), "int4-weight", 32, FAMILIES.get("llama"))
+    assert source is None  # random float weights: no source grid to carry
     bits = {name: (m.weight.target_dtype, tuple(m.weight.block_size)) for name, m in model.named_modules()
             if isinstance(m, torch.nn.Linear)}
     assert bits.pop("lm_head") == (torch.int8, (1, 64))
@@ -167,7 +168,7 @@ def _weight_only_int4(model, recipe, group_size, family=None):
     from torchao.quantization.granularity import PerGroup
 
     quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group_size)))
-    return model
+    return model, None
 
 
 def test_parity_gate_catches_silent_garbage(built, tiny_loaded, tmp_path, monkeypatch):

@@ -58,7 +58,8 @@ def test_rpi_tflite_bundle_of_the_embedded_model(tmp_path):
 
 
 def test_android_default_pte_of_the_embedded_model(tmp_path):
-    """`slm-export --target android`: ExecuTorch int4-weight (8da4w, lm_head 8-bit) on XNNPACK, gate passed."""
+    """`slm-export --target android`: ExecuTorch int4-weight (8da4w, lm_head 8-bit, the GGUF's 4-bit blocks
+    carried) on XNNPACK, gate passed."""
     out = tmp_path / "android"
     proc = run_cli("--target", "android", "--out", out, "--decode-tokens", "8", "--repeats", "1", timeout=3600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -67,6 +68,12 @@ def test_android_default_pte_of_the_embedded_model(tmp_path):
     assert manifest["parity"]["passed"], manifest["parity"]["failures"]
     assert manifest["latency"]["runtime"] == "executorch"
     assert manifest["artifact"]["bytes"] < 0.45 * 652e6  # fp32 .pte is 652 MB
+    # every linear of the Q4_1 GGUF keeps its blocks, and the gate was the tighter source-grid one
+    source = json.loads((out / "runtime.json").read_text())["source_grid"]
+    assert len(source["carried"]) == 30 * 7 and not source["finer_than_4bit"], source
+    from exporter.recipes import get_recipe
+
+    assert manifest["parity"]["thresholds"]["top1_min"] == get_recipe("int4-weight").source_grid_thresholds.top1_min
     settings = json.loads((out / "android_llm.json").read_text())
     assert settings["model"] == "model.pte" and settings["user_prompt_template"] and (out / "tokenizer.json").exists()
     runner = runtime_row(manifest, "executorch TextLLMRunner")  # ExecuTorch's own LLM runner, unchanged bundle

@@ -32,10 +32,25 @@ CLASSIFIER_SUFFIX = "-classifier"  # e.g. "bert-classifier": the family's ...For
 CLASSIFIER_LABELS = ("play", "pause", "skip")
 
 
-def make_model_dir(arch: str, folder: Path, seed: int = 0) -> Path:
+def as_gguf_blocks(weight, levels: int = 16, group: int = 32):
+    """``weight`` rounded as llama.cpp's Q4_1 (levels 16) / Q5_1 (32) rounds it, then dequantized:
+    blocks of ``group`` inputs, ``w = d * q + m`` with d = (max - min) / (levels - 1), m = min."""
+    import torch
+
+    blocks = weight.detach().float().unflatten(-1, (-1, group))
+    lo, hi = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
+    d = ((hi - lo) / (levels - 1)).half().float()  # GGUF stores d and m as float16
+    lo = lo.half().float()
+    q = torch.clamp(torch.round((blocks - lo) / d), 0, levels - 1)
+    return (q * d + lo).flatten(-2)
+
+
+def make_model_dir(arch: str, folder: Path, seed: int = 0, source_levels: dict[str, int] | None = None) -> Path:
     """Save a tiny random ``arch`` model and its tokenizer into ``folder``; return it.
 
     ``arch`` is a family name, or ``<encoder family>-classifier`` for its sequence classifier.
+    ``source_levels`` ({role or "*": levels}) rounds the decoder linears onto GGUF-like blocks of 32
+    (``as_gguf_blocks``), as a model dequantized from a GGUF arrives; lm_head stays float.
     """
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -62,6 +77,13 @@ def make_model_dir(arch: str, folder: Path, seed: int = 0) -> Path:
         # clear-cut and greedy comparisons are meaningful, as in a trained model.
         with torch.no_grad():
             model.get_output_embeddings().weight.mul_(8.0)
+    if source_levels:
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                role = family.role_of(name)
+                levels = source_levels.get(role, source_levels.get("*"))
+                if isinstance(module, torch.nn.Linear) and role != "lm_head" and levels:
+                    module.weight.copy_(as_gguf_blocks(module.weight, levels))
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     train_tokenizer().save_pretrained(folder)

@@ -23,7 +23,7 @@ def parity(bundle: Bundle, result: dict) -> Check:
     metrics = result.get("parity")
     if not metrics:
         return Check("parity", "skipped", "the bundle ships no parity_reference.npz")
-    failures = get_recipe(bundle.manifest["recipe"]).thresholds.failures(metrics)
+    failures = get_recipe(bundle.manifest["recipe"]).thresholds_for(bundle.spec).failures(metrics)
     host = (bundle.manifest.get("parity") or {}).get("metrics", {})
     summary = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("max_abs_err", "top1_agreement", "cosine_min")
                         if isinstance(metrics.get(k), (int, float)))

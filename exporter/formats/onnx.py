@@ -92,6 +92,19 @@ def untied_output_layer(model):
             head.weight = emb.weight
 
 
+def with_source_grid(loaded, source):
+    """A copy of ``loaded`` whose carried linears are ``source_grid.GridLinear`` (the reference, the
+    caller's model, stays as it is)."""
+    import copy
+    import dataclasses
+
+    from exporter import source_grid
+
+    model = copy.deepcopy(loaded.model).eval()
+    source_grid.carry_plan(model, source)
+    return dataclasses.replace(loaded, model=model)
+
+
 def export_causal_lm(loaded, path: Path, spec: dict) -> None:
     """torch.onnx.export (dynamo) of the KV-cache graph with dynamic batch / seq / past dims, its
     tensors named as ``spec`` (the runtime.json of the build) says."""
@@ -196,19 +209,25 @@ class OnnxFormat(Format):
         self.check(loaded.kind, recipe, loaded.family)
         fp32_path = out_dir / (MODEL_FILE if recipe == "fp32" else FP32_FILE)
         spec = onnx_spec(loaded, MODEL_FILE, recipe)
+        source = onnx_quant.source_plan(loaded, recipe, options.group_size)
+        exported = loaded if source is None else with_source_grid(loaded, source)
         with task(options.progress, "export: ONNX graph (torch.onnx dynamo)"):
             if loaded.kind == "causal-lm":
                 # int8 recipes quantize lm_head too (measured cost is small); int4 keeps it float, as
                 # 4-bit lm_head cost SmolLM2 a further 0.12 of top-1 agreement.
                 untie = recipe in ("int8-dynamic", "int8-static")
-                with untied_output_layer(loaded.model) if untie else contextlib.nullcontext():
-                    export_causal_lm(loaded, fp32_path, spec)
+                with untied_output_layer(exported.model) if untie else contextlib.nullcontext():
+                    export_causal_lm(exported, fp32_path, spec)
             else:
-                export_encoder(loaded, fp32_path, spec)
+                export_encoder(exported, fp32_path, spec)
+        del exported
         notes = []
+        if source is not None:
+            notes.append(source.note())
+            spec["source_grid"] = source.as_dict()
         if recipe != "fp32":
             with task(options.progress, f"export: quantizing ONNX ({recipe}, onnxruntime.quantization)"):
-                notes += onnx_quant.apply(recipe, fp32_path, out_dir / MODEL_FILE, loaded, options, spec)
+                notes += onnx_quant.apply(recipe, fp32_path, out_dir / MODEL_FILE, loaded, options, spec, source)
             for leftover in out_dir.glob(FP32_FILE + "*"):
                 leftover.unlink()
         files = sorted(p.name for p in out_dir.iterdir() if p.name.startswith("model"))

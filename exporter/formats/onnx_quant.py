@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from exporter import source_grid
 from exporter.errors import UnsupportedRecipeError
 from exporter.texts import calibration_windows
 
@@ -24,6 +25,29 @@ def _scopes(node) -> list[str]:
     except (ValueError, SyntaxError):
         return []
     return scopes if isinstance(scopes, list) else []
+
+
+def source_plan(loaded, recipe: str, group_size: int):
+    """The source-grid plan of an int4-weight causal-LM export (``exporter.source_grid``), or None."""
+    if recipe != "int4-weight" or loaded.kind != "causal-lm":
+        return None
+    return source_grid.plan_for_format(loaded.model, loaded.family, recipe, "onnx", group_size)
+
+
+def _module_path(node) -> str:
+    scopes = _scopes(node)
+    return str(scopes[-2]) if len(scopes) >= 2 else ""
+
+
+def _nodes_of_modules(model_path: Path, nodes: list[str], modules: list[str]) -> list[str]:
+    """Those of the MatMul ``nodes`` whose module path ends with one of ``modules`` (the exporter's
+    wrapper adds a prefix such as "model.")."""
+    import onnx
+
+    wanted = set(nodes)
+    suffixes = tuple("." + m for m in modules)
+    return [n.name for n in onnx.load(str(model_path), load_external_data=False).graph.node
+            if n.name in wanted and (_module_path(n) in modules or _module_path(n).endswith(suffixes))]
 
 
 def planned_nodes(model_path: Path, recipe: str, family) -> dict[str, list[str]]:
@@ -45,6 +69,8 @@ def planned_nodes(model_path: Path, recipe: str, family) -> dict[str, list[str]]
             continue
         scopes = _scopes(node)
         path = scopes[-2] if len(scopes) >= 2 else ""
+        if path.endswith("." + source_grid.OFFSETS):
+            continue  # a carried source grid's float block-offset term (exporter/source_grid.py)
         role = family.role_of(path) if family and path else None
         if node.op_type == "Gather":
             if role != "embed":
@@ -60,10 +86,11 @@ def planned_nodes(model_path: Path, recipe: str, family) -> dict[str, list[str]]
     return groups
 
 
-def apply(recipe: str, src: Path, dst: Path, loaded, options, spec: dict) -> list[str]:
+def apply(recipe: str, src: Path, dst: Path, loaded, options, spec: dict, source=None) -> list[str]:
     """Write ``src`` quantized with ``recipe`` to ``dst``; return notes for the report. ``spec`` is the
-    build's runtime.json, whose contract names the graph's tensors (for calibration feeds)."""
-    return _RECIPES[recipe](src, dst, loaded, options, spec) or []
+    build's runtime.json, whose contract names the graph's tensors (for calibration feeds); ``source``
+    the int4 source-grid plan (``source_plan``) the graph was exported with."""
+    return _RECIPES[recipe](src, dst, loaded, options, spec, source) or []
 
 
 def _refuse_unplanned(groups: dict, allowed: set[str], recipe: str) -> None:
@@ -73,7 +100,7 @@ def _refuse_unplanned(groups: dict, allowed: set[str], recipe: str) -> None:
                                      "quantizer does not implement", hint="see `slm-export recipes --explain`")
 
 
-def _fp16(src: Path, dst: Path, loaded, options, spec: dict):
+def _fp16(src: Path, dst: Path, loaded, options, spec: dict, source=None):
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -84,7 +111,7 @@ def _fp16(src: Path, dst: Path, loaded, options, spec: dict):
     return ["fp16 weights and compute; float32 inputs, outputs and KV cache"]
 
 
-def _int8_dynamic(src: Path, dst: Path, loaded, options, spec: dict):
+def _int8_dynamic(src: Path, dst: Path, loaded, options, spec: dict, source=None):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # Linears: 8-bit blockwise MatMulNBits (symmetric int8 weights, one scale per block of
@@ -171,7 +198,7 @@ def _matmul_nbits(src: Path, dst: Path, bits: int, block_size: int,
         quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
 
 
-def _int8_static(src: Path, dst: Path, loaded, options, spec: dict):
+def _int8_static(src: Path, dst: Path, loaded, options, spec: dict, source=None):
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if loaded.kind != "causal-lm":
@@ -198,14 +225,28 @@ def _int8_static(src: Path, dst: Path, loaded, options, spec: dict):
             f"{len(weight_only)} MLP output projections: int8 weights, float activations (activation outliers)"]
 
 
-def _int4_weight(src: Path, dst: Path, loaded, options, spec: dict):
+def _int4_weight(src: Path, dst: Path, loaded, options, spec: dict, source=None):
     groups = planned_nodes(src, "int4-weight", loaded.family)
     _refuse_unplanned(groups, {"int4/group/dynamic"}, "int4-weight")
     nodes = groups.get("int4/group/dynamic", [])
+    # A source's 4-bit blocks (``source_grid``) go through the same symmetric RTN quantizer: every block
+    # holds the code -8 and no larger magnitude, and MatMulNBits' RTN maps that to the block's scale, so
+    # it writes the source's codes and scales as they are. Linears the source holds finer get 8 bits.
+    finer = _nodes_of_modules(src, nodes, source.finer) if source else []
+    four = [n for n in nodes if n not in set(finer)]
     # accuracy_level 4: int8 compute on blocks of activations, the fast path of MatMulNBits on CPU.
-    _weight_only(src, dst, bits=4, block_size=options.group_size, accuracy_level=4, nodes=nodes)
-    return [f"{len(nodes)} linears: 4-bit MatMulNBits weights, block {options.group_size}, int8 compute "
-            f"(accuracy_level 4); {len(groups.get('float', []))} stay float (lm_head)"]
+    staged = dst.with_name(dst.name + ".q8") if finer else dst
+    _weight_only(src, staged, bits=4, block_size=options.group_size, accuracy_level=4, nodes=four)
+    if finer:
+        try:
+            _weight_only(staged, dst, bits=8, block_size=options.group_size, accuracy_level=4, nodes=finer)
+        finally:
+            staged.unlink(missing_ok=True)
+    notes = [f"{len(four)} linears: 4-bit MatMulNBits weights, block {options.group_size}, int8 compute "
+             f"(accuracy_level 4); {len(groups.get('float', []))} stay float (lm_head)"]
+    if finer:
+        notes.append(f"{len(finer)} linears: 8-bit MatMulNBits (the source holds them at more than 4 bits)")
+    return notes
 
 
 class _CalibrationReader:
@@ -236,7 +277,7 @@ class _CalibrationReader:
         return next(self._feeds, None)
 
 
-_RECIPES = {
+_RECIPES = {  # recipe -> fn(src, dst, loaded, options, spec, source plan or None) -> notes
     "fp16": _fp16,
     "int8-dynamic": _int8_dynamic,
     "int8-static": _int8_static,

@@ -162,7 +162,7 @@ def _build_causal(loaded, recipe: str, options: ExportOptions, out_dir: Path) ->
     t0 = time.perf_counter()
     with task(options.progress, f"export: preparing the {recipe} model for ExecuTorch"):
         model = copy.deepcopy(loaded.model).eval()
-        model, skipped = _prepare(model, recipe, options.group_size, loaded.family)
+        model, skipped, source = _prepare(model, recipe, options.group_size, loaded.family)
     custom_sdpa = pte_attention.supported(loaded, max_context)
     if custom_sdpa:
         pte_attention.use_custom_sdpa(model)
@@ -207,7 +207,10 @@ def _build_causal(loaded, recipe: str, options: ExportOptions, out_dir: Path) ->
                  else "attention: transformers' static-cache attention (custom_sdpa does not fit this model)")
     if whole_layers:
         notes.append("RMSNorm and rotary embedding written as linear ops so XNNPACK takes them (pte_layers.py)")
-    if recipe == "int4-weight":
+    if source is not None:
+        notes.append(source.note())
+        spec["source_grid"] = source.as_dict()
+    elif recipe == "int4-weight":
         eight = [n for n, r in pte_quant.linear_rules(loaded.model, recipe, loaded.family).items() if r and r.weights == "int8"]
         notes.append(f"int4-weight (8da4w) follows the pte plan: {len(eight)} linear layers with 8-bit weights "
                      f"({', '.join(sorted({loaded.family.role_of(n) or n for n in eight}))}), the others 4-bit; "
@@ -219,7 +222,8 @@ def _build_causal(loaded, recipe: str, options: ExportOptions, out_dir: Path) ->
 
 
 def _prepare(model, recipe: str, group_size: int, family):
-    """Eager part of the recipe; returns (model, names of linear layers int4-weight had to skip)."""
+    """Eager part of the recipe; returns (model, names of linear layers int4-weight had to skip, the
+    source-grid plan or None)."""
     from exporter.formats import pte_quant
 
     skipped = []
@@ -233,8 +237,8 @@ def _prepare(model, recipe: str, group_size: int, family):
                 f"group size {group_size} divides the input width of no linear layer; int4-weight would quantize nothing",
                 hint="use --group-size 32 (or a divisor of the hidden size)",
             )
-    model = _guard(lambda: pte_quant.prepare_eager(model, recipe, group_size, family), "quantization", recipe)
-    return model, skipped
+    model, source = _guard(lambda: pte_quant.prepare_eager(model, recipe, group_size, family), "quantization", recipe)
+    return model, skipped, source
 
 
 def _causal_calibration(loaded, recipe: str, options: ExportOptions, max_seq_len: int, example) -> list:
@@ -268,7 +272,7 @@ def _build_encoder(loaded, recipe: str, options: ExportOptions, out_dir: Path) -
     positions = int(getattr(loaded.config, "max_position_embeddings", 512))
     max_len = min(int(options.max_context), positions)
     t0 = time.perf_counter()
-    model, _ = _prepare(copy.deepcopy(loaded.model).eval(), recipe, options.group_size, loaded.family)
+    model, _, _ = _prepare(copy.deepcopy(loaded.model).eval(), recipe, options.group_size, loaded.family)
     kind = loaded.kind
 
     class EncoderForward(torch.nn.Module):

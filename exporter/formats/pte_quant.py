@@ -30,34 +30,50 @@ def linear_rules(model: torch.nn.Module, recipe: str, family) -> dict[str, objec
             layer_rules(get_recipe(recipe), "pte", family, model, embeddings=False).items()}
 
 
-def prepare_eager(model: torch.nn.Module, recipe: str, group_size: int, family=None) -> torch.nn.Module:
-    """Apply the eager part of ``recipe`` to ``model`` in place (a copy owned by the caller).
+def prepare_eager(model: torch.nn.Module, recipe: str, group_size: int, family=None):
+    """Apply the eager part of ``recipe`` to ``model`` in place (a copy owned by the caller); return
+    (model, the source-grid plan or None).
 
     int4-weight follows the recipe's pte plan (exporter/recipes.py): 4-bit grouped layers and 8-bit
     per-channel layers, both with 8-bit dynamic activations (torchao's 8da4w / 8da8w, which XNNPACK
     lowers); a layer whose group size does not divide its input width stays float32 (XNNPACK has no
-    remainder group).
+    remainder group). Layers whose weights lie on a quantized source's 4-bit blocks keep them
+    (``exporter.source_grid``): torchao's SYMMETRIC_NO_CLIPPING_ERR maps each block's -8 code to its
+    scale exactly, where the default SYMMETRIC mapping (max / 7.5) would round every weight again.
     """
     if recipe == "fp16":
-        return model.to(torch.float16)
-    if recipe == "int4-weight":
-        from torchao.quantization import quantize_
-        from torchao.quantization.granularity import PerAxis, PerGroup
-        from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig
+        return model.to(torch.float16), None
+    if recipe != "int4-weight":
+        return model, None
+    from torchao.quantization import quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig
+    from torchao.quantization.quant_primitives import MappingType
 
-        rules = linear_rules(model, recipe, family)
-        for name, rule in rules.items():
-            if rule is not None and rule.weights != "float" and rule.activations != "dynamic":
-                # IntxWeightOnlyConfig (float activations) lowers to garbage on XNNPACK (TOOLCHAIN.md).
-                raise ValueError(f"the pte plan gives {name} {rule.describe(group_size)}; XNNPACK takes int4/int8 "
-                                 "weights only with int8 dynamic activations")
-        eight = {name for name, r in rules.items() if r is not None and r.weights == "int8"}
-        four = {name for name, r in rules.items() if r is not None and r.weights == "int4"}
-        quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
-                  filter_fn=lambda m, fqn: fqn in eight and isinstance(m, torch.nn.Linear))
-        config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size))
-        quantize_(model, config, filter_fn=lambda m, fqn: fqn in four and _groupable(m, group_size))
-    return model
+    from exporter import source_grid
+
+    rules = linear_rules(model, recipe, family)
+    for name, rule in rules.items():
+        if rule is not None and rule.weights != "float" and rule.activations != "dynamic":
+            # IntxWeightOnlyConfig (float activations) lowers to garbage on XNNPACK (TOOLCHAIN.md).
+            raise ValueError(f"the pte plan gives {name} {rule.describe(group_size)}; XNNPACK takes int4/int8 "
+                             "weights only with int8 dynamic activations")
+    eight = {name for name, r in rules.items() if r is not None and r.weights == "int8"}
+    four = {name for name, r in rules.items() if r is not None and r.weights == "int4"}
+    source = source_grid.plan_for_format(model, family, recipe, "pte", group_size)
+    carried = set()
+    if source is not None:
+        source_grid.carry_plan(model, source)
+        carried = set(source.carried)
+        eight, four = (eight - carried) | set(source.finer), four - set(source.finer) - carried
+    quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
+              filter_fn=lambda m, fqn: fqn in eight and isinstance(m, torch.nn.Linear))
+    config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size))
+    quantize_(model, config, filter_fn=lambda m, fqn: fqn in four and _groupable(m, group_size))
+    exact = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size),
+                                                  weight_mapping_type=MappingType.SYMMETRIC_NO_CLIPPING_ERR)
+    quantize_(model, exact, filter_fn=lambda m, fqn: fqn in carried)
+    return model, source
 
 
 def _groupable(module: torch.nn.Module, group_size: int) -> bool:

@@ -371,10 +371,12 @@ class TFLiteFormat(Format):
         from exporter.formats import tflite_quant
 
         max_context, lengths, notes = causal_plan(loaded, options)
-        model, prep_notes = tflite_quant.prepare_model(recipe, loaded, options)
+        model, prep_notes, source = tflite_quant.prepare_model(recipe, loaded, options)
         notes += prep_notes
         spec = causal_lm_spec(loaded, "tflite", MODEL_FILE, recipe, max_context=max_context,
                               prefill_lengths=lengths, pad_token_id=0)
+        if source is not None:  # read by the int4 quantizer (tflite_quant._int4_weight)
+            spec["source_grid"] = source.as_dict()
         spec.update(contract_fields("tflite", "causal-lm", spec["num_layers"], max_context, lengths))
         with task(options.progress, f"export: converting to LiteRT (litert-torch), prefill {lengths} + decode, "
                                     f"context {max_context}"):

@@ -16,6 +16,7 @@ import re
 
 import numpy as np
 
+from exporter import source_grid
 from exporter.errors import SlmExportError, UnsupportedRecipeError, condense
 from exporter.quiet import quiet
 from exporter.runtime.spec import decode_signature, roles
@@ -123,19 +124,40 @@ def _int8_dynamic(spec, options, loaded):
 
 
 def _int4_weight(spec, options, loaded):
-    from ai_edge_quantizer import qtyping
+    from ai_edge_quantizer import algorithm_manager, qtyping
 
     rm = _manager()
+    fc = qtyping.TFLOperationName.FULLY_CONNECTED
+    blocks = qtyping.QuantGranularity(f"BLOCKWISE_{options.group_size}")
     # Weight-only blockwise int4 is a no-op in ai-edge-quantizer 0.10 (measured: the flatbuffer
     # comes back unchanged), so 4-bit blocks are applied with dynamic activations, as on XNNPACK.
     # Embedding and LM head share the 4-bit blocks (one buffer when tied).
-    rm.add_dynamic_config(".*", qtyping.TFLOperationName.ALL_SUPPORTED, num_bits=4,
-                          granularity=qtyping.QuantGranularity(f"BLOCKWISE_{options.group_size}"))
+    rm.add_dynamic_config(".*", qtyping.TFLOperationName.ALL_SUPPORTED, num_bits=4, granularity=blocks)
     # The plan's 8-bit layers (the MLP down projections) stay int8 per channel, as llama.cpp's Q4_K_M keeps
     # its most sensitive tensors at higher precision: measured on SmolLM2, all-4-bit gave 0.48 top-1
     # agreement (min-max, OCTAV and Hadamard-rotated scales alike), int8 down projections 0.60.
-    down = _role_paths(loaded, "int4-weight", "down")
-    rm.add_dynamic_config(scope_regex(loaded.model, down), qtyping.TFLOperationName.FULLY_CONNECTED, num_bits=8)
+    source = spec.get("source_grid") or {}
+    carried = set(source.get("carried", ()))
+    down = [p for p in _role_paths(loaded, "int4-weight", "down") if p not in carried]
+    eight = down + list(source.get("finer_than_4bit", ()))
+    if carried:
+        # A quantized source (exporter/source_grid.py): its 4-bit blocks are recovered as they are by
+        # ai-edge-quantizer's DEQUANTIZED_WEIGHT_RECOVERY (scale = the block's step, codes exact); what it
+        # holds finer (and the embedding with a head tied to it) gets 8 bits; the block-offset term stays float.
+        # The lm_head's op is named after the signature's output ("decode_logits_output"), not its module.
+        embed = [n for n, m in loaded.model.named_modules() if loaded.family.role_of(n) == "embed"]
+        head = rf"(?:^|;)[^;/]*_{re.escape(roles(spec)['logits'])}_output;"  # op scopes end in ';'
+        rm.add_dynamic_config(f"{scope_regex(loaded.model, embed)}|{head}", qtyping.TFLOperationName.ALL_SUPPORTED,
+                              num_bits=8)
+    rm.add_dynamic_config(scope_regex(loaded.model, eight), fc, num_bits=8)
+    if carried:
+        rm.add_dynamic_config(scope_regex(loaded.model, sorted(carried)), fc, num_bits=4, granularity=blocks,
+                              algorithm_key=algorithm_manager.AlgorithmName.DEQUANTIZED_WEIGHT_RECOVERY)
+        rm.add_quantization_config(rf"BlockOffsets_{source_grid.OFFSETS}", qtyping.TFLOperationName.ALL_SUPPORTED,
+                                   algorithm_key=algorithm_manager.AlgorithmName.NO_QUANTIZE)
+        return rm.get_quantization_recipe(), [
+            f"4-bit weights in blocks of {options.group_size}: {len(carried)} linears recovered from the source's "
+            f"blocks, {len(eight)} linears and the embedding int8 per channel, activations quantized at run time"], False
     return rm.get_quantization_recipe(), [
         f"4-bit weights in blocks of {options.group_size} ({len(down)} MLP down projections int8 per channel), "
         "activations quantized at run time"], False
@@ -180,10 +202,26 @@ _ZERO_ROW_NUDGE = 1e-6
 
 
 def prepare_model(recipe: str, loaded, options):
-    """(torch model to convert, notes): a SmoothQuant copy for int8-static, a copy without all-zero weight
-    rows for int4-weight (when the model has any), else ``loaded.model`` itself."""
+    """(torch model to convert, notes, source-grid plan or None): a SmoothQuant copy for int8-static; for
+    int4-weight a copy without all-zero weight rows (when the model has any) whose linears on a quantized
+    source's 4-bit blocks keep them (``exporter.source_grid``); else ``loaded.model`` itself."""
     if recipe == "int4-weight":
-        return _without_zero_rows(loaded.model)
+        model, notes = _without_zero_rows(loaded.model)
+        # Embeddings are no part of the source plan: ai-edge-quantizer's lookup has no offset term (a
+        # tied head follows its embedding, see ``_int4_weight``).
+        source = (source_grid.plan_for_format(loaded.model, loaded.family, recipe, "tflite", options.group_size)
+                  if loaded.kind == "causal-lm" else None)
+        if source is None:
+            return model, notes, None
+        import copy
+
+        model = copy.deepcopy(model) if model is loaded.model else model
+        source_grid.carry_plan(model, source)
+        return model, notes + [source.note()], source
+    return (*_smoothed(loaded, options, recipe), None)
+
+
+def _smoothed(loaded, options, recipe: str):
     if recipe != "int8-static" or loaded.kind != "causal-lm":
         return loaded.model, []
     options.progress("smoothing activation outliers into the weights (SmoothQuant) for int8-static")
