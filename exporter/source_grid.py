@@ -25,7 +25,7 @@ Layers whose source blocks hold more than 16 levels (Q5_0, Q6_K, Q8_0) are repor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -157,31 +157,16 @@ class GridLinear(torch.nn.Linear):
         return self.weight + self.block_offsets.offsets.repeat_interleave(self.group, -1)
 
 
-def carry(model: torch.nn.Module, names: set[str] | list[str], group: int) -> list[str]:
-    """Replace each nn.Linear of ``model`` at ``names`` whose weights lie on a 4-bit grid of ``group``
-    by a ``GridLinear`` (in place); return the names replaced."""
-    carried, block_sums = [], {}  # one block-sum matrix per input width, shared (the exporters keep one copy)
-    for name in names:
+def carry(model: torch.nn.Module, grids: dict[str, Grid]) -> None:
+    """Replace the nn.Linear of ``model`` at each path of ``grids`` by a ``GridLinear`` of its grid (in place)."""
+    block_sums = {}  # one block-sum matrix per input width, shared (the exporters keep one copy)
+    for name, grid in grids.items():
         module = model.get_submodule(name)
-        if type(module) is not torch.nn.Linear:
-            continue
-        grid = find_grid(module.weight, group)
-        if grid is None:
-            continue
-        if module.in_features not in block_sums:
-            block_sums[module.in_features] = torch.nn.Parameter(block_sum_matrix(module.in_features, group),
-                                                                requires_grad=False)
+        width = module.in_features
+        if width not in block_sums:
+            block_sums[width] = torch.nn.Parameter(block_sum_matrix(width, grid.group), requires_grad=False)
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child,
-                GridLinear(module, grid, block_sums[module.in_features]))
-        carried.append(name)
-    return carried
-
-
-def survey(model: torch.nn.Module, group: int) -> dict[str, int | None]:
-    """module path -> source levels per block of ``group`` (``source_levels``) for every nn.Linear."""
-    return {name: source_levels(m.weight, group) for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear)}
+        setattr(model.get_submodule(parent) if parent else model, child, GridLinear(module, grid, block_sums[width]))
 
 
 @dataclass
@@ -193,6 +178,8 @@ class SourcePlan:
     carried: list[str]
     finer: list[str]
     group: int
+    # the grids found while planning, for ``carry_plan`` (released once carried: codes of every layer)
+    grids: dict[str, Grid] = field(default_factory=dict, repr=False)
 
     def note(self) -> str | None:
         if not self.carried:
@@ -216,9 +203,10 @@ def plan_for_source(model: torch.nn.Module, quantized: list[str], four_bit: list
     float source), the plan stands unchanged.
     """
     modules = dict(model.named_modules())
-    carried = [n for n in quantized if type(modules[n]) is torch.nn.Linear and find_grid(modules[n].weight, group)]
-    finer = [n for n in four_bit if n not in set(carried)] if carried else []
-    return SourcePlan(carried=carried, finer=finer, group=group)
+    grids = {n: find_grid(modules[n].weight, group) for n in quantized if type(modules[n]) is torch.nn.Linear}
+    grids = {n: g for n, g in grids.items() if g is not None}
+    finer = [n for n in four_bit if n not in grids] if grids else []
+    return SourcePlan(carried=list(grids), finer=finer, group=group, grids=grids)
 
 
 def plan_for_format(model: torch.nn.Module, family, recipe: str, fmt: str, group: int) -> SourcePlan | None:
@@ -234,7 +222,7 @@ def plan_for_format(model: torch.nn.Module, family, recipe: str, fmt: str, group
 
 
 def carry_plan(model: torch.nn.Module, plan: SourcePlan) -> None:
-    """Replace the plan's carried linears of ``model`` by ``GridLinear`` (in place)."""
-    done = carry(model, plan.carried, plan.group)
-    if len(done) != len(plan.carried):
-        raise RuntimeError("source grid changed between planning and carrying")
+    """Replace the plan's carried linears of ``model`` (the planned model or a copy of it) by
+    ``GridLinear`` (in place)."""
+    carry(model, plan.grids)
+    plan.grids = {}

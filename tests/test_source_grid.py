@@ -153,40 +153,27 @@ def test_onnx_int4_carries_the_source_blocks_and_beats_requantizing(gguf_like, t
     assert carried["top1_agreement"] >= requantized["top1_agreement"]
 
 
-def test_pte_int4_of_a_gguf_source_is_closer_than_requantizing(gguf_like, tmp_path, monkeypatch):
-    """The lowered .pte (XNNPACK keeps group scales as bf16, so close rather than exact)."""
-    loaded = gguf_like("llama", {"*": 16})
-    pte = get_format("pte")
-    for sub in ("carried", "requantized"):
-        (tmp_path / sub).mkdir()
-    art = pte.build(loaded, "int4-weight", ExportOptions(max_context=MAX_CONTEXT), tmp_path / "carried")
-    assert art.spec["source_grid"]["carried"]
-    carried = _metrics(loaded, tmp_path / "carried", art.spec)
-
+def _carried_and_requantized(fmt: str, loaded, tmp_path, monkeypatch) -> tuple[dict, dict]:
+    """Parity metrics of ``fmt``'s int4-weight build of ``loaded`` with the source grid carried, and of the
+    same build re-quantizing (no grid found), as the exporter did before."""
     from exporter import source_grid as grid_module
 
-    monkeypatch.setattr(grid_module, "find_grid", lambda *a: None)
-    again = pte.build(loaded, "int4-weight", ExportOptions(max_context=MAX_CONTEXT), tmp_path / "requantized")
-    assert "source_grid" not in again.spec
-    requantized = _metrics(loaded, tmp_path / "requantized", again.spec)
-    assert carried["max_abs_err"] < 0.5 * requantized["max_abs_err"], (carried, requantized)
-
-
-def test_tflite_int4_of_a_gguf_source_is_closer_than_requantizing(gguf_like, tmp_path, monkeypatch):
-    loaded = gguf_like("llama", {"*": 16})
-    tflite = get_format("tflite")
+    builder = get_format(fmt)
     for sub in ("carried", "requantized"):
         (tmp_path / sub).mkdir()
-    art = tflite.build(loaded, "int4-weight", ExportOptions(max_context=MAX_CONTEXT), tmp_path / "carried")
+    art = builder.build(loaded, "int4-weight", ExportOptions(max_context=MAX_CONTEXT), tmp_path / "carried")
     assert art.spec["source_grid"]["carried"]
     carried = _metrics(loaded, tmp_path / "carried", art.spec)
-
-    from exporter import source_grid as grid_module
-
     monkeypatch.setattr(grid_module, "find_grid", lambda *a: None)
-    again = tflite.build(loaded, "int4-weight", ExportOptions(max_context=MAX_CONTEXT), tmp_path / "requantized")
+    again = builder.build(loaded, "int4-weight", ExportOptions(max_context=MAX_CONTEXT), tmp_path / "requantized")
     assert "source_grid" not in again.spec
-    requantized = _metrics(loaded, tmp_path / "requantized", again.spec)
+    return carried, _metrics(loaded, tmp_path / "requantized", again.spec)
+
+
+@pytest.mark.parametrize("fmt", ["pte", "tflite"])
+def test_int4_of_a_gguf_source_is_closer_than_requantizing(fmt, gguf_like, tmp_path, monkeypatch):
+    """The lowered .pte and .tflite (XNNPACK keeps pte group scales as bf16: close rather than exact)."""
+    carried, requantized = _carried_and_requantized(fmt, gguf_like("llama", {"*": 16}), tmp_path, monkeypatch)
     assert carried["max_abs_err"] < 0.5 * requantized["max_abs_err"], (carried, requantized)
 
 
