@@ -16,8 +16,8 @@ from pathlib import Path
 import click
 
 from .errors import SlmExportError
-
 from .recipes import RECIPES
+from .runtime.files import BundleFileError
 from targets import TARGETS
 
 # Formats are listed statically so `--help` does not import the format modules (and torch);
@@ -88,11 +88,12 @@ def cli():
 @click.option("--cross-check", is_flag=True, help="Compare a GGUF's PyTorch reference with llama.cpp on the same file (builds llama.cpp once, minutes; used anyway when already built).")
 @click.option("--no-reference-check", is_flag=True, help="Skip the checks that the PyTorch reference is a working model (perplexity, llama.cpp).")
 @click.option("--no-verify", is_flag=True, help="Skip running the bundle in the field's runtimes (onnxruntime-genai, ExecuTorch's runner, ...).")
+@click.option("--inspect", "inspect_layers", is_flag=True, help="Also measure per-layer divergence of the quantization (as `slm-export inspect`) into the manifest and report.html.")
 @click.option("--verbose", is_flag=True, help="Show everything libraries print (known harmless noise included).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def export(target, out, model, fmt, recipe, calibration, force, no_gate, no_latency, max_context, group_size,
            prefill_lengths, decode_tokens, repeats, threads, cache_dir, trust_pickle, device_runner, device_serial,
-           board, cross_check, no_reference_check, no_verify, verbose, debug):
+           board, cross_check, no_reference_check, no_verify, inspect_layers, verbose, debug):
     """Export a model for a target, check parity, measure latency, write a bundle."""
     from .pipeline import ExportRequest
 
@@ -103,7 +104,7 @@ def export(target, out, model, fmt, recipe, calibration, force, no_gate, no_late
                         decode_tokens=decode_tokens, repeats=repeats, threads=threads,
                         device_runner=device_runner, device_serial=device_serial,
                         reference_check="never" if no_reference_check else "always" if cross_check else "auto",
-                        verify=not no_verify, extra={"board": board} if board else {})
+                        verify=not no_verify, inspect=inspect_layers, extra={"board": board} if board else {})
     _run_guarded(lambda: _export(req, verbose), debug)
 
 
@@ -166,6 +167,9 @@ def _export(req, verbose: bool = False) -> None:
         from .verify import rows_from_json
 
         out.print(verify_table(rows_from_json(manifest), "the bundle in the field's runtimes"))
+    if manifest.get("inspect"):
+        head, _, units = inspect_tables(manifest["inspect"])
+        out.print(head, units)
     out.print(_summary_table(manifest, req.out, time.perf_counter() - terminal.start))
 
 
@@ -377,6 +381,11 @@ def _run_guarded(fn, debug: bool,
             raise
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
+    except BundleFileError as e:  # a damaged or tampered bundle given to verify / inspect: bad input, not a bug
+        if debug:
+            raise
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         click.echo(interrupted, err=True)
         sys.exit(130)
@@ -448,6 +457,78 @@ def verify_table(rows, title: str):
         style = "red" if row.status in (verify.FAILED, verify.DIFFERS) else ""
         table.add_row(*cells[:-1], Text(cells[-1], style=style))
     return table
+
+
+@cli.command("inspect")
+@click.argument("bundle", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--model", default=None, help="The model the bundle came from (default: the manifest's).")
+@click.option("--windows", type=click.IntRange(1, 64), default=3, show_default=True, help="Evaluation windows of text.")
+@click.option("--window", type=click.IntRange(16, 4096), default=128, show_default=True, help="Tokens per window.")
+@click.option("--no-artifact", is_flag=True, help="Skip running the artifact (no fidelity check of the simulation).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Write the figures as JSON here.")
+@click.option("--html", "html_path", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Write a page with the per-layer plot here.")
+@click.option("--top", type=click.IntRange(1, 1000), default=10, show_default=True, help="Most sensitive units shown.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def inspect_command(bundle, model, windows, window, no_artifact, json_path, html_path, top, debug):
+    """Per-layer divergence of a bundle's quantization: hidden-state drift after each decoder layer, and
+    what each layer's attention / MLP (and the embedding, the LM head) costs quantized alone."""
+    _run_guarded(lambda: _inspect(bundle, model, windows, window, not no_artifact, json_path, html_path, top),
+                 debug, interrupted="interrupted")
+
+
+def _inspect(bundle_dir: Path, model, windows: int, window: int, run_artifact: bool, json_path, html_path,
+             top: int) -> None:
+    import json
+
+    from rich.console import Console
+
+    from . import divergence
+    from .terminal import open_terminal
+
+    terminal = open_terminal()
+    with terminal.running():
+        result = divergence.inspect_bundle(bundle_dir, model, windows, window, run_artifact, progress=terminal)
+    out = Console()
+    for table in inspect_tables(result, top):
+        out.print(table)
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+    if html_path:
+        html_path.write_text(divergence.html_page(result))
+
+
+def inspect_tables(result: dict, top: int = 10) -> list:
+    """The rich tables of ``inspect``: the whole simulation and its fidelity, drift, most sensitive units."""
+    from rich.table import Table
+
+    from .divergence import most_sensitive
+
+    head = Table(title=f"{result['bundle']}: {result['format']} / {result['recipe']} "
+                       f"({result['windows']} windows x {result['window']} tokens)")
+    for col in ("", "top-1", "ppl change", "KL"):
+        head.add_column(col)
+    rows = [("simulation, every layer quantized", result["simulated"])]
+    fid = result.get("fidelity")
+    if fid:
+        rows.append(("the artifact in its runtime", fid["artifact"]))
+    for label, s in rows:
+        head.add_row(label, f"{s['top1_agreement']:.3f}", f"{s['ppl_rel_change']:+.2%}", f"{s['kl']:.4f}")
+    if fid:
+        head.caption = (f"simulation vs artifact logits: mean |diff| {fid['simulation_vs_artifact']['mean_abs_err']:.4g} "
+                        f"(reference vs artifact {fid['reference_vs_artifact']['mean_abs_err']:.4g}), top-1 agreement "
+                        f"{fid['simulation_vs_artifact']['top1_agreement']:.3f}")
+    drift = Table(title="hidden-state drift, every layer quantized")
+    for col in ("after", "relative error", "cosine"):
+        drift.add_column(col)
+    for d in result["drift"]:
+        drift.add_row(d["after"], f"{d['rel_err']:.4f}", f"{d['cosine']:.5f}")
+    units = Table(title=f"the {top} units whose quantization alone costs most (the rest float)")
+    for col in ("unit", "quantization", "top-1", "ppl change", "KL"):
+        units.add_column(col, overflow="fold")
+    for r in most_sensitive(result, top):
+        units.add_row(r["unit"], ", ".join(r["scheme"]), f"{r['top1_agreement']:.3f}", f"{r['ppl_rel_change']:+.2%}",
+                      f"{r['kl']:.4f}")
+    return [head, drift, units]
 
 
 @cli.group()

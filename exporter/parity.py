@@ -130,6 +130,8 @@ def _causal_metrics(loaded, runner, window, max_windows, greedy_tokens, progress
     metrics["per_position"] = per_position(refs, arts)
     prompt = greedy_prompt(loaded.tokenizer)
     eos = runner.spec.get("eos_token_ids", [])
+    if runner.spec.get("max_context"):  # a short exported context holds the prompt and fewer new tokens
+        greedy_tokens = max(1, min(greedy_tokens, int(runner.spec["max_context"]) - len(prompt)))
     with task(progress, f"validate: greedy generation of {greedy_tokens} tokens on both sides"):
         expected = reference_greedy(loaded.model, prompt, greedy_tokens, eos)
         got = greedy_generate(runner, prompt, greedy_tokens, eos)

@@ -65,6 +65,7 @@ class ExportRequest:
     # llama.cpp if needed), "never" (--no-reference-check: neither check).
     reference_check: str = "auto"
     verify: bool = True  # run the bundle in the field's runtimes (exporter/verify); --no-verify skips
+    inspect: bool = False  # --inspect: per-layer divergence (exporter/divergence.py) into the manifest and report
     extra: dict = field(default_factory=dict)  # board, Budgets overrides, device_options, student, retrain
 
 
@@ -154,6 +155,8 @@ def run(req: ExportRequest, progress: Callable[[str], None] = lambda m: None, pl
         stages["measure"](ctx)
         if req.verify:
             verify_runtimes(ctx)
+        if req.inspect:
+            inspect_quantization(ctx)
         manifest = write_bundle(ctx, check_budgets(ctx))
         bundle.publish(staging, req.out)
     return manifest
@@ -189,6 +192,16 @@ def verify_runtimes(ctx: Context) -> None:
             "the bundle does not run in " + ", ".join(r.runtime for r in rejected) + ":\n"
             + "\n".join(f"  {r.runtime} {r.version}: {r.message}" for r in rejected),
             hint="nothing was written; pass --no-verify to keep the bundle anyway")
+
+
+def inspect_quantization(ctx: Context) -> None:
+    """--inspect: where the artifact's quantization loses the model, per layer (``slm-export inspect``)."""
+    from . import divergence
+
+    with ctx.timed("inspect_s"):
+        result = divergence.inspect_loaded(ctx.model, ctx.staging, ctx.scratch["spec"], ctx.plan.recipe,
+                                           progress=ctx.progress)
+    ctx.sections["inspect"] = {**result, "bundle": ctx.req.out.name}
 
 
 def check_budgets(ctx: Context) -> list[str]:

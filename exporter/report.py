@@ -481,6 +481,10 @@ def html_report(manifest: dict, markdown_text: str) -> str:
                   "<p class=note>Greedy decoding of the shipped prompt in each runtime, compared with our runner "
                   "and with PyTorch; `slm-export verify BUNDLE` runs it again.</p>",
                   table(RUNTIME_HEADER, runtime_rows(m))]
+    if m.get("inspect"):  # --inspect
+        from .divergence import html_section
+
+        parts.append(html_section(m["inspect"]))
     parts += run_html(m)
     return "\n".join(parts)
 

@@ -45,12 +45,14 @@ def as_gguf_blocks(weight, levels: int = 16, group: int = 32):
     return (q * d + lo).flatten(-2)
 
 
-def make_model_dir(arch: str, folder: Path, seed: int = 0, source_levels: dict[str, int] | None = None) -> Path:
+def make_model_dir(arch: str, folder: Path, seed: int = 0, source_levels: dict[str, int] | None = None,
+                   layers: int | None = None, edit=None) -> Path:
     """Save a tiny random ``arch`` model and its tokenizer into ``folder``; return it.
 
     ``arch`` is a family name, or ``<encoder family>-classifier`` for its sequence classifier.
     ``source_levels`` ({role or "*": levels}) rounds the decoder linears onto GGUF-like blocks of 32
     (``as_gguf_blocks``), as a model dequantized from a GGUF arrives; lm_head stays float.
+    ``layers`` overrides the tiny config's decoder layer count; ``edit(model)`` changes weights before saving.
     """
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -61,6 +63,8 @@ def make_model_dir(arch: str, folder: Path, seed: int = 0, source_levels: dict[s
     classifier = arch.endswith(CLASSIFIER_SUFFIX)
     family = FAMILIES.get(arch.removesuffix(CLASSIFIER_SUFFIX))  # each family brings its tiny config
     config = family.tiny_config()
+    if layers:
+        config.num_hidden_layers = layers
     causal = family.kind == "causal-lm"
     if classifier:
         config.num_labels = len(CLASSIFIER_LABELS)
@@ -84,6 +88,9 @@ def make_model_dir(arch: str, folder: Path, seed: int = 0, source_levels: dict[s
                 levels = source_levels.get(role, source_levels.get("*"))
                 if isinstance(module, torch.nn.Linear) and role != "lm_head" and levels:
                     module.weight.copy_(as_gguf_blocks(module.weight, levels))
+    if edit:
+        with torch.no_grad():
+            edit(model)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     train_tokenizer().save_pretrained(folder)

@@ -283,3 +283,24 @@ _RECIPES = {  # recipe -> fn(src, dst, loaded, options, spec, source plan or Non
     "int8-static": _int8_static,
     "int4-weight": _int4_weight,
 }
+
+
+def simulated_schemes(recipe: str, loaded, group_size: int, spec: dict) -> dict:
+    """module path -> ``exporter.simulate.Scheme``: this format's quantization of ``recipe``, layer by layer.
+
+    MatMulNBits at accuracy_level 4 quantizes its input to int8 per block of the weights' block size
+    (symmetric) at run time; int8-dynamic's embedding is quantize_dynamic's int8 Gather, one range per table.
+    """
+    from exporter import simulate
+
+    if recipe == "fp32":
+        return {}
+    if recipe == "fp16":
+        return simulate.half_schemes(loaded)
+    if recipe == "int8-dynamic":
+        return simulate.plan_schemes(recipe, "onnx", loaded, group_size, "block", eight_group=group_size,
+                                     embed=simulate.Scheme(8, per_tensor=True), rounding="signed-max")
+    if recipe == "int4-weight":
+        return simulate.plan_schemes(recipe, "onnx", loaded, group_size, "block", eight_group=group_size,
+                                     source=spec.get("source_grid"), rounding="signed-max")
+    raise NotImplementedError(f"onnx {recipe} (calibrated activation ranges) is not simulated")

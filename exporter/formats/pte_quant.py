@@ -133,3 +133,26 @@ def partitioners(recipe: str) -> list:
 def calibration_batches(windows: list[list[int]], make_args: Callable[[list[int]], tuple]) -> list[tuple]:
     """Positional-argument tuples for ``pt2e_quantize`` built with ``make_args`` per window."""
     return [make_args(w) for w in windows]
+
+
+def simulated_schemes(recipe: str, loaded, group_size: int, spec: dict) -> dict:
+    """module path -> ``exporter.simulate.Scheme``: this format's quantization of ``recipe``, layer by layer.
+
+    XNNPACK quantizes a dynamic linear's input to int8 per row (token) at run time, in torchao's 8da4w /
+    8da8w and pt2e's int8-dynamic alike; embeddings stay float; a 4-bit layer whose input width the
+    group does not divide stays float (``prepare_eager``).
+    """
+    from exporter import simulate
+
+    if recipe == "fp32":
+        return {}
+    if recipe == "fp16":
+        return simulate.half_schemes(loaded)
+    if recipe == "int8-dynamic":
+        return {n: simulate.Scheme(8, None, "token", rounding="qmax") for n, m in loaded.model.named_modules()
+                if isinstance(m, torch.nn.Linear)}
+    if recipe == "int4-weight":
+        schemes = simulate.plan_schemes(recipe, "pte", loaded, group_size, "token", source=spec.get("source_grid"))
+        modules = dict(loaded.model.named_modules())
+        return {n: s for n, s in schemes.items() if s.bits != 4 or s.exact or _groupable(modules[n], group_size)}
+    raise NotImplementedError(f"pte {recipe} (calibrated activation ranges) is not simulated")

@@ -408,3 +408,32 @@ def _encoder_calibration(spec, loaded, options, calibration_windows) -> dict[str
             feeds.append({names["tokens"]: ids, names["mask"]: mask})
         data[name] = feeds
     return data
+
+
+def simulated_schemes(recipe: str, loaded, group_size: int, spec: dict) -> dict:
+    """module path -> ``exporter.simulate.Scheme``: this format's quantization of ``recipe``, layer by layer.
+
+    LiteRT's dynamic range kernels quantize a layer's input to int8 per row (token) at run time; the
+    embedding table is quantized like the linears (``.*`` configs), except that with a carried source
+    grid it and the LM head get 8 bits (``_int4_weight``).
+    """
+    from exporter import simulate
+
+    style = {"rounding": "qmax", "bf16_scales": True}  # ai-edge-quantizer: m / qmax, 7-bit mantissa block scales
+    if recipe == "fp32":
+        return {}
+    if recipe == "fp16":
+        return simulate.half_schemes(loaded)
+    if recipe == "int8-dynamic":
+        return simulate.plan_schemes(recipe, "tflite", loaded, group_size, "token", embed=simulate.Scheme(8, **style),
+                                     **style)
+    if recipe == "int4-weight":
+        source = spec.get("source_grid")
+        embed = simulate.Scheme(8, **style) if source else simulate.Scheme(4, group_size, **style)
+        schemes = simulate.plan_schemes(recipe, "tflite", loaded, group_size, "token", source=source, embed=embed,
+                                        **style)
+        if source:
+            for name, _ in loaded.family.modules(loaded.model, "lm_head"):
+                schemes[name] = simulate.Scheme(8, None, "token", **style)
+        return schemes
+    raise NotImplementedError(f"tflite {recipe} (calibrated activation ranges) is not simulated")
