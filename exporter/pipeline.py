@@ -145,6 +145,10 @@ def run(req: ExportRequest, progress: Callable[[str], None] = lambda m: None, pl
     ctx = Context(req, plan or resolve(req), progress)
     stages = ctx.plan.stages()
     bundle.check_out_dir(req.out, req.force, protected_paths(req))
+    if req.inspect:  # refused now rather than after the export
+        from .divergence import check_simulated
+
+        check_simulated(ctx.plan.format, ctx.plan.recipe)
     stages["check"](ctx)
     with bundle.writing(req.out, req.force, protected_paths(req), progress) as staging:
         ctx.staging = staging

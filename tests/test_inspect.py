@@ -98,9 +98,15 @@ def test_inspect_refuses_what_it_cannot_check(broken_bundle, tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and proc.stderr.count("error:") == 1, proc.stderr
 
 
-def test_a_recipe_it_cannot_simulate_is_refused(tiny_loaded):
+def test_a_recipe_it_cannot_simulate_is_refused(tiny_loaded, tiny_model_dir, tmp_path):
     with pytest.raises(SlmExportError, match="cannot simulate"):
         divergence.simulated_schemes("onnx", "int8-static", tiny_loaded("llama"), 32, {})
+    # --inspect at export: refused before any export work, nothing written
+    out = tmp_path / "static"
+    proc = run_cli("--target", "rpi", "--recipe", "int8-static", "--model", tiny_model_dir("llama"), "--out", out,
+                   "--inspect")
+    assert proc.returncode != 0 and "cannot simulate" in proc.stderr and "export:" not in proc.stderr, proc.stderr
+    assert not out.exists()
 
 
 CASES = [("llama", "onnx", "int4-weight"), ("llama", "onnx", "int8-dynamic"), ("llama", "pte", "int4-weight"),
