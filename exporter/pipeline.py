@@ -286,7 +286,8 @@ def lm_export(ctx: Context) -> None:
     spec["latency_prompt_ids"] = loaded.tokenizer(" ".join(eval_text().split()),
                                                   add_special_tokens=False)["input_ids"][:LATENCY_PROMPT_TOKENS]
     (staging / RUNTIME_SPEC).write_text(json.dumps(spec, indent=2))
-    parity.write_reference(loaded, staging / parity.REFERENCE_FILE, spec.get("eos_token_ids", []))
+    parity.write_reference(loaded, staging / parity.REFERENCE_FILE, spec.get("eos_token_ids", []),
+                           spec.get("max_context"))
     ctx.sections["tokenizer_files"] = bundle.copy_tokenizer_files(loaded.folder, staging)
     if ctx.plan.target.bundle_extras:
         ctx.plan.target.bundle_extras(loaded, staging, spec)

@@ -50,3 +50,43 @@ def farm_bundle(tiny_model_dir, tmp_path_factory):
                    "--decode-tokens", "4", "--repeats", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+# The real SmolLM2-135M bundles, each exported once per test session and shared by every test module that
+# checks something in one (the export is minutes of CPU each; CI used to export the same rpi bundle three
+# times and the same tflite bundle twice). Under pytest-xdist the workers share one folder, and a file
+# lock makes the first worker export while the others wait for it.
+REAL_SMOLLM2_BUNDLES = {
+    # key -> CLI arguments (the embedded default, no --model)
+    "rpi-onnx": ("--target", "rpi", "--decode-tokens", "16", "--repeats", "1"),
+    "rpi-tflite": ("--target", "rpi", "--format", "tflite", "--decode-tokens", "8", "--repeats", "1"),
+}
+
+
+@pytest.fixture(scope="session")
+def real_smollm2_bundle(tmp_path_factory, worker_id):
+    """A function key -> folder of the real SmolLM2 bundle ``REAL_SMOLLM2_BUNDLES[key]`` (exported once).
+
+    Tests must not change the folder: it is shared. The export's stderr is kept in ``<key>.log`` beside it
+    so a failure reads the same from every test that asked for the bundle.
+    """
+    from filelock import FileLock
+    from test_cli import run_cli
+
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":  # every xdist worker has its own basetemp under one shared parent
+        root = root.parent
+    root = root / "real-smollm2"
+    root.mkdir(exist_ok=True)
+
+    def get(key: str) -> Path:
+        out, log = root / key, root / f"{key}.log"
+        with FileLock(str(root / f"{key}.lock")):
+            if not log.exists():
+                proc = run_cli(*REAL_SMOLLM2_BUNDLES[key], "--out", out, timeout=3600)
+                log.write_text(f"exit {proc.returncode}\n{proc.stderr}")
+        text = log.read_text()
+        assert text.startswith("exit 0\n"), f"slm-export {' '.join(REAL_SMOLLM2_BUNDLES[key])} failed:\n{text[-3000:]}"
+        return out
+
+    return get

@@ -202,11 +202,18 @@ def test_interrupt_leaves_no_half_bundle(tiny_model_dir, tmp_path):
 
 
 def test_device_runner_checks_shipped_reference(rpi_bundle):
-    """The device-side runner alone (numpy + onnxruntime) re-checks parity from the bundle's reference."""
+    """The device-side runner alone (numpy + onnxruntime) re-checks parity from the bundle's reference, on the
+    gate's evaluation set: same windows, same positions, so on the same runtime the same top-1 and perplexity."""
     out, _ = rpi_bundle
     proc = subprocess.run([sys.executable, "-m", "exporter.runtime.main", str(out), "--parity", "--decode-tokens", "4",
                            "--repeats", "1", "--json"], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["parity"]["top1_agreement"] >= 0.8 and result["parity"]["greedy_identical"] in (True, False)
+    device, gate = result["parity"], json.loads((out / "manifest.json").read_text())["parity"]["metrics"]
+    assert device["windows"] == gate["windows"] == 8 and device["positions"] == gate["positions"] >= 8 * 100
+    assert abs(device["top1_agreement"] - gate["top1_agreement"]) <= 1 / gate["positions"], (device, gate)
+    assert device["ppl_ref"] == pytest.approx(gate["ppl_ref"], rel=1e-5)
+    assert device["ppl_rel_change"] == pytest.approx(gate["ppl_rel_change"], abs=1e-4)
+    assert device["greedy_identical"] or not gate["greedy_identical"]  # the bundle ships 16 of the gate's 32 tokens
+    assert device["abs_err_positions"] == gate["positions"] // gate["windows"]  # the first window's full logits
     assert result["runtime"] == "onnxruntime" and result["device"]["cpu_count"] >= 1

@@ -14,7 +14,6 @@ import os
 import pty
 import re
 import select
-import shutil
 import subprocess
 import sys
 import time
@@ -441,15 +440,12 @@ def test_assistant_terminal_app(tiny_bundle):
 
 
 @pytest.fixture(scope="session")
-def smollm2_bundle(tmp_path_factory):
-    """The README's default bundle: SmolLM2-135M-Instruct, onnx int8-dynamic (exported once: 407 s with --no-latency on a shared 2-core VM)."""
+def smollm2_bundle(real_smollm2_bundle):
+    """The README's default bundle: SmolLM2-135M-Instruct, rpi (onnx int8-dynamic), shared with the other
+    real-model tests (conftest.py); SLM_EXAMPLES_BUNDLE points at one already exported."""
     if os.environ.get("SLM_EXAMPLES_BUNDLE"):
         return Path(os.environ["SLM_EXAMPLES_BUNDLE"])
-    out = tmp_path_factory.mktemp("smollm2") / "onnx-int8"
-    cli = shutil.which("slm-export") or str(Path(sys.executable).with_name("slm-export"))
-    subprocess.run([cli, "--target", "host", "--format", "onnx", "--recipe", "int8-dynamic", "--no-latency",
-                    "--out", str(out)], check=True, timeout=900)
-    return out
+    return real_smollm2_bundle("rpi-onnx")
 
 
 @pytest.mark.slow

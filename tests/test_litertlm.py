@@ -171,16 +171,14 @@ def test_a_bundle_without_litertlm_is_not_applicable(bundle, tmp_path):
 
 
 @pytest.mark.slow
-def test_real_smollm2_litert_lm_greedy_equals_our_runner(tmp_path):
-    """The embedded SmolLM2-135M-Instruct, `--target host --format tflite` (int8-dynamic): on the bundle's chat
+def test_real_smollm2_litert_lm_greedy_equals_our_runner(real_smollm2_bundle):
+    """The embedded SmolLM2-135M-Instruct, `--target rpi --format tflite` (int8-dynamic): on the bundle's chat
     prompt LiteRT-LM's greedy tokens equal our runner's up to the stop token where LiteRT-LM ends ("The capital
     of France is Paris." <|im_end|>); both decode speeds are printed, also over 64 tokens of plain text."""
     from exporter.verify import greedy_case
     from exporter.verify.litert_lm import generate
 
-    out = tmp_path / "smollm2-tflite"
-    proc = run_cli("--target", "host", "--format", "tflite", "--out", out, "--no-reference-check", timeout=3600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = real_smollm2_bundle("rpi-tflite")
     vocab = json.loads((out / "runtime.json").read_text())["vocab_size"]
     prompt, _ = greedy_case(out)
     mine, theirs = ours(out, prompt, 32), generate(out, prompt, 32, vocab)

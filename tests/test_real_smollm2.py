@@ -14,11 +14,9 @@ from test_cli import run_cli
 pytestmark = pytest.mark.slow
 
 
-def test_rpi_default_bundle_of_the_embedded_model(tmp_path):
+def test_rpi_default_bundle_of_the_embedded_model(real_smollm2_bundle):
     """`slm-export --target rpi` with no --model: ONNX int8-dynamic, parity gate passed, measured."""
-    out = tmp_path / "rpi"
-    proc = run_cli("--target", "rpi", "--out", out, "--decode-tokens", "16", "--repeats", "1", timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = real_smollm2_bundle("rpi-onnx")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["embedded"] == "smollm2-135m-instruct"
     assert manifest["model"]["num_parameters"] > 130e6
@@ -43,12 +41,9 @@ def test_fp32_export_generates_identical_greedy_tokens(tmp_path):
     assert "Paris" in metrics["greedy_artifact_text"]
 
 
-def test_rpi_tflite_bundle_of_the_embedded_model(tmp_path):
+def test_rpi_tflite_bundle_of_the_embedded_model(real_smollm2_bundle):
     """`--format tflite` on the rpi target: LiteRT int8-dynamic with prefill/decode signatures."""
-    out = tmp_path / "rpi-tflite"
-    proc = run_cli("--target", "rpi", "--format", "tflite", "--out", out, "--decode-tokens", "8", "--repeats", "1",
-                   timeout=2400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = real_smollm2_bundle("rpi-tflite")
     manifest = json.loads((out / "manifest.json").read_text())
     assert (manifest["format"], manifest["recipe"]) == ("tflite", "int8-dynamic")
     assert manifest["parity"]["passed"], manifest["parity"]["failures"]

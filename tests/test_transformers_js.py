@@ -196,12 +196,10 @@ def test_a_bundle_transformers_js_cannot_run_is_a_failed_row(bundles, tmp_path):
 
 
 @pytest.mark.slow
-def test_real_smollm2_rpi_bundle(tmp_path, node_modules):
+def test_real_smollm2_rpi_bundle(real_smollm2_bundle, node_modules):
     """The embedded SmolLM2-135M-Instruct, --target rpi (ONNX int8-dynamic): transformers.js decodes our
     runner's greedy tokens on the bundle's chat prompt and on plain text."""
-    out = tmp_path / "rpi"
-    proc = run_cli("--target", "rpi", "--out", out, "--no-latency", "--no-reference-check", timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = real_smollm2_bundle("rpi-onnx")
     rows = {r.runtime: r for r in verify(out)}
     assert rows["transformers.js"].status == OK, rows["transformers.js"]
     assert rows["transformers.js"].same_as_ours

@@ -165,6 +165,16 @@ def open_runner(bundle_dir: Path, spec: dict | None = None, verify_files: bool =
     return module.open_runner(Path(bundle_dir), spec, **options)
 
 
+def artifact_logits(runner: CausalLMRunner, ids: Sequence[int]) -> np.ndarray:
+    """Runner logits for one window: prefill the first half, decode the rest one token at a time (so the
+    comparison covers both the prefill graph and the KV-cache decode path)."""
+    split = max(1, len(ids) // 2)
+    runner.reset()
+    parts = [runner.forward(list(ids[:split]))]
+    parts += [runner.forward([t]) for t in ids[split:]]
+    return np.concatenate(parts, axis=0)
+
+
 def greedy_generate(runner: CausalLMRunner, prompt_ids: Sequence[int], max_new_tokens: int,
                     eos_ids: Sequence[int] = ()) -> list[int]:
     """Greedy decoding with the runner's KV cache; stops after an EOS token or ``max_new_tokens``."""
