@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ModelLoadError, condense
-from .runtime.files import sha256_file  # noqa: F401  (also used by callers of this module)
+from .runtime.files import sha256_file  # (also used by callers of this module)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -109,8 +109,21 @@ def load_model(spec: str | None = None, cache_dir: Path | None = None, trust_pic
         folder, identity = convert_gguf(path, (cache_dir or default_cache_dir()) / "gguf")
         return _load_folder(folder, trust_pickle=False, identity=identity)
     if path.is_dir():
-        return _load_folder(path, trust_pickle=trust_pickle, identity={"source": str(path.resolve())})
+        identity = {"source": str(path.resolve()), "source_sha256": folder_digest(path), "source_format": "folder"}
+        return _load_folder(path, trust_pickle=trust_pickle, identity=identity)
     raise ModelLoadError(f"{str(path)!r} is neither a model folder nor a .gguf file")
+
+
+def folder_digest(folder: Path) -> str:
+    """One sha256 over a model folder's top-level files (names and contents): the weights, config and
+    tokenizer a bundle was exported from, so ``inspect`` (like a GGUF's sha256) can tell the folder changed.
+    Hidden files and subfolders (``.git``, caches) are left out; hashing reads the weights once (~1 s / GB)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")):
+        digest.update(f"{path.name}\0{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- embedded default and GGUF

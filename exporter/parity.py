@@ -58,6 +58,11 @@ def greedy_prompt(tokenizer) -> list[int]:
     return prefix + tokenizer(" ".join(eval_text().split()[:24]), add_special_tokens=False)["input_ids"]
 
 
+def greedy_budget(requested: int, prompt: list[int], max_context: int | None) -> int:
+    """How many greedy tokens fit: a short exported context holds the prompt and fewer new tokens."""
+    return max(1, min(requested, int(max_context) - len(prompt))) if max_context else requested
+
+
 def reference_greedy(model, prompt: list[int], n: int, eos_ids) -> list[int]:
     """Greedy tokens from transformers' own generate (with its KV cache)."""
     import torch
@@ -71,12 +76,13 @@ def reference_greedy(model, prompt: list[int], n: int, eos_ids) -> list[int]:
 
 
 
-def write_reference(loaded, path, eos_ids=(), max_context: int | None = None, greedy_tokens: int = 16) -> None:
+def write_reference(loaded, path, eos_ids=(), max_context: int | None = None, greedy_tokens: int = 32) -> None:
     """Ship expected outputs with the bundle (like ExecuTorch's BundledProgram) for on-device checks.
 
     A causal LM's file holds the evaluation set (``eval_ids``, one row per window) with the reference's
     ``Summary`` of every position (``ref_top1``, ``ref_top5``, ``ref_nll``), the first window's full
-    logits (float16, for the max / mean error), and a greedy prompt with the reference's greedy tokens.
+    logits (float16, for the max / mean error), and the gate's greedy prompt with the reference's greedy
+    tokens (as many as the gate generates).
     ``exporter.runtime.main --parity`` scores the same windows against it, so its top-1 and perplexity
     are the gate's figures on the same tokens.
     """
@@ -89,6 +95,7 @@ def write_reference(loaded, path, eos_ids=(), max_context: int | None = None, gr
     summaries = [summarize(first, next_tokens(windows[0]))]
     summaries += [summarize(reference_logits(loaded.model, ids), next_tokens(ids)) for ids in windows[1:]]
     prompt = greedy_prompt(loaded.tokenizer)
+    greedy_tokens = greedy_budget(greedy_tokens, prompt, max_context)
     np.savez_compressed(
         path, eval_ids=np.asarray(windows, np.int64),
         ref_top1=np.stack([s.top1 for s in summaries]), ref_top5=np.stack([s.top5 for s in summaries]),
@@ -139,8 +146,7 @@ def _causal_metrics(loaded, runner, window, max_windows, greedy_tokens, progress
     metrics["windows"] = len(windows)
     prompt = greedy_prompt(loaded.tokenizer)
     eos = runner.spec.get("eos_token_ids", [])
-    if runner.spec.get("max_context"):  # a short exported context holds the prompt and fewer new tokens
-        greedy_tokens = max(1, min(greedy_tokens, int(runner.spec["max_context"]) - len(prompt)))
+    greedy_tokens = greedy_budget(greedy_tokens, prompt, runner.spec.get("max_context"))
     with task(progress, f"validate: greedy generation of {greedy_tokens} tokens on both sides"):
         expected = reference_greedy(loaded.model, prompt, greedy_tokens, eos)
         got = greedy_generate(runner, prompt, greedy_tokens, eos)

@@ -287,7 +287,7 @@ def lm_export(ctx: Context) -> None:
                                                   add_special_tokens=False)["input_ids"][:LATENCY_PROMPT_TOKENS]
     (staging / RUNTIME_SPEC).write_text(json.dumps(spec, indent=2))
     parity.write_reference(loaded, staging / parity.REFERENCE_FILE, spec.get("eos_token_ids", []),
-                           spec.get("max_context"))
+                           spec.get("max_context"), ctx.req.greedy_tokens)
     ctx.sections["tokenizer_files"] = bundle.copy_tokenizer_files(loaded.folder, staging)
     if ctx.plan.target.bundle_extras:
         ctx.plan.target.bundle_extras(loaded, staging, spec)

@@ -92,6 +92,14 @@ def test_inspect_refuses_what_it_cannot_check(broken_bundle, tmp_path):
         hidden.rename(model)
     assert proc.returncode != 0 and "pass --model" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+    config = model / "config.json"  # a folder changed after the export: its sha256 differs
+    original = config.read_text()
+    config.write_text(original.replace("{", '{"changed_after_export": true, ', 1))
+    try:
+        proc = run_cli("inspect", bundle, "--no-artifact")
+    finally:
+        config.write_text(original)
+    assert proc.returncode != 0 and "sha256 differs" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     artifact = next(p for p in moved.iterdir() if p.suffix == ".pte")
     artifact.write_bytes(artifact.read_bytes()[:-16] + b"\0" * 16)
     proc = run_cli("inspect", moved, "--model", model, "--no-artifact")
