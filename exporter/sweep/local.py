@@ -83,8 +83,9 @@ class LocalPool:
         if self._pool is None:
             return
         processes = list((self._pool._processes or {}).values())  # noqa: SLF001 - the workers to stop
-        for f in handles:
-            f.cancel()
+        # First: a worker that has unwound goes back for work and gets the pool's stop sentinel, so it
+        # exits at once instead of idling through the grace time.
+        self._pool.shutdown(wait=False, cancel_futures=True)
         for p in processes:
             if p.is_alive():
                 p.terminate()
