@@ -178,6 +178,20 @@ def _sweep_leftovers(out: Path, progress) -> None:
         progress(f"removed {len(stale)} unfinished staging folder(s) of interrupted runs beside {out}")
 
 
+def clean_leftovers(out: Path, progress=lambda m: None) -> bool:
+    """Remove what killed runs left beside ``out`` (as the next run to ``out`` would), unless a live run holds
+    its lock; whether it could. A sweep calls it for the cells it stopped."""
+    try:
+        fd = _lock(out)
+    except (SlmExportError, OSError):
+        return False
+    try:
+        _sweep_leftovers(out, progress)
+    finally:
+        _unlock(out, fd)
+    return True
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)

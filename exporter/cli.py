@@ -3,6 +3,7 @@
     slm-export --target rpi [--model PATH] [--format F] [--recipe R] --out DIR   (the export; also `slm-export export ...`)
     slm-export recipes                                                           (what each format and target can do)
     slm-export verify BUNDLE                                                     (the bundle in the field's runtimes)
+    slm-export sweep SWEEP.toml --out DIR                                        (a matrix of exports, locally or on Ray)
 """
 
 from __future__ import annotations
@@ -529,6 +530,45 @@ def inspect_tables(result: dict, top: int = 10) -> list:
         units.add_row(r["unit"], ", ".join(r["scheme"]), f"{r['top1_agreement']:.3f}", f"{r['ppl_rel_change']:+.2%}",
                       f"{r['kl']:.4f}")
     return [head, drift, units]
+
+
+@cli.command("sweep")
+@click.argument("sweep_file", metavar="SWEEP", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for every cell's bundle and summary.{json,html}.")
+@click.option("--jobs", type=click.IntRange(1, 1024), default=None,
+              help="At most this many cells at once (default: as many as cores and memory allow).")
+@click.option("--ray", "ray_address", default=None, metavar="auto|ADDRESS",
+              help="Run each cell as a task on this Ray cluster (pip install 'slm-export[cluster]').")
+@click.option("--resume", is_flag=True, help="Skip cells whose bundle is already in OUT and verifies; redo the others.")
+@click.option("--skip-impossible", is_flag=True, help="List the cells the export would refuse and run the rest.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def sweep_command(sweep_file, out, jobs, ray_address, resume, skip_impossible, debug):
+    """Export every cell of a SWEEP.toml matrix (models x targets x formats x recipes), locally or on Ray; one
+    summary table (and OUT/summary.html); exit 1 if any cell failed, 130 on Ctrl-C."""
+    _run_guarded(lambda: _sweep(sweep_file, out, jobs, ray_address, resume, skip_impossible), debug,
+                 interrupted="interrupted before any cell started; nothing was written")
+
+
+def _sweep(sweep_file, out, jobs, ray_address, resume, skip_impossible) -> None:
+    from rich.console import Console
+
+    from . import sweep as sweep_mod
+    from .sweep import summary
+
+    try:
+        sweep_def, run = sweep_mod.run_sweep(sweep_file, out, jobs=jobs, ray=ray_address, resume=resume,
+                                             skip_impossible=skip_impossible)
+    except sweep_mod.SweepInterrupted as e:
+        done = sum(r["status"] != sweep_mod.CANCELLED for r in e.results.values())
+        click.echo(f"interrupted: {done} of {len(e.results)} cells finished, the others were cancelled "
+                   f"(no half-written bundle); summary in {out}/summary.json", err=True)
+        sys.exit(130)
+    Console(width=200).print(summary.table(run, sweep_def))
+    bad = [name for name, r in run.results.items() if r["status"] in sweep_mod.FAILED]
+    click.echo(f"summary: {out}/summary.html, {out}/summary.json")
+    if bad:
+        raise SlmExportError(f"{len(bad)} of {len(run.results)} cells did not pass: {', '.join(bad)}",
+                             hint=f"see the table above, {out}/summary.html and {out}/logs/<cell>.log")
 
 
 @cli.group()

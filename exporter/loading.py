@@ -166,6 +166,18 @@ def convert_gguf(gguf_path: Path, cache_root: Path, name: str | None = None) -> 
     except OSError as e:
         raise ModelLoadError(f"cannot create the model cache {cache_root}: {e.strerror}",
                              hint="set SLM_EXPORT_CACHE or --cache-dir to a writable folder") from None
+    # Several exports of one model at once (the cells of a sweep): the first converts, the others wait
+    # for it and reuse its folder, instead of converting again and replacing the folder being read.
+    from filelock import FileLock
+
+    with FileLock(str(cache_root / f".{folder.name}.lock")):
+        if not ((folder / "config.json").exists() and (folder / "model.safetensors").exists()):
+            _convert(gguf_path, folder, cache_root, identity)
+    return folder, identity
+
+
+def _convert(gguf_path: Path, folder: Path, cache_root: Path, identity: dict) -> None:
+    """Dequantize ``gguf_path`` into a staging folder of ``cache_root``, then move it to ``folder``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -191,7 +203,6 @@ def convert_gguf(gguf_path: Path, cache_root: Path, name: str | None = None) -> 
         os.replace(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return folder, identity
 
 
 # ---------------------------------------------------------------- Hugging Face folders
