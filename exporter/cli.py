@@ -292,12 +292,15 @@ def _explain(recipe_name: str, fmt_name: str | None, model: str | None, group_si
     console = Console(width=160)
     formats = [fmt_name] if fmt_name else list(FORMAT_CHOICES)
     console.print(f"[bold]{recipe.name}[/bold]: {recipe.description}")
-    th = {k: v for k, v in vars(recipe.thresholds).items() if v not in (None, False)}
-    console.print("parity thresholds: " + ", ".join(f"{k} {v}" for k, v in th.items()))
+    def limits(thresholds) -> str:
+        return ", ".join(f"{k} {v}" for k, v in vars(thresholds).items() if v not in (None, False))
+
+    console.print("parity thresholds: " + limits(recipe.thresholds))
+    for f, thresholds in recipe.format_thresholds.items():
+        console.print(f"  {f}: " + limits(thresholds))
     if recipe.source_grid_thresholds is not None:
-        carried = {k: v for k, v in vars(recipe.source_grid_thresholds).items() if v not in (None, False)}
         console.print("  when the artifact carries a quantized source's 4-bit blocks: "
-                      + ", ".join(f"{k} {v}" for k, v in carried.items()))
+                      + limits(recipe.source_grid_thresholds))
     for f in formats:
         rules = recipe.plan(f)
         table = Table(title=f"{f} plan (first matching rule wins; layers no rule takes stay float)")

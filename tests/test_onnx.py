@@ -160,3 +160,16 @@ def test_garbage_logits_fail_the_gate():
     for recipe in ("fp32", "fp16", "int8-dynamic", "int8-static", "int4-weight"):
         assert get_recipe(recipe).thresholds.failures(metrics), recipe
     assert not get_recipe("int4-weight").thresholds.failures(parity.logit_metrics(ref, ref + 0.01, rng.integers(0, 100, 63)))
+
+
+def test_onnx_int8_is_held_to_its_own_tighter_limits():
+    """An onnx int8-dynamic artifact at the weakest format's level (LiteRT's top-1 0.875, README) fails the
+    onnx limits it would pass as a tflite one: a regression of 8-bit MatMulNBits does not hide."""
+    from exporter.recipes import get_recipe
+
+    recipe = get_recipe("int8-dynamic")
+    metrics = {"top1_agreement": 0.875, "top5_agreement": 0.90, "ppl_rel_change": 0.012, "max_abs_err": 3.0}
+    assert not recipe.thresholds_for({"format": "tflite"}).failures(metrics)
+    assert recipe.thresholds_for({"format": "onnx"}).failures(metrics) == ["top1_agreement 0.8750 < 0.92",
+                                                                             "top5_agreement 0.9000 < 0.92"]
+    assert recipe.thresholds_for({"format": "onnx", "source_grid": {"carried": []}}) is recipe.thresholds_for({"format": "onnx"})
