@@ -179,9 +179,13 @@ _add(Recipe(
                label_agreement_min=0.95),
     # onnx on the evaluation set (8 x 128 tokens, top-1 known to about +-0.008; 2026-12-03): SmolLM2 top1
     # 0.944 top5 0.950 ppl +0.16%, Gemma-3-270M 0.9375 / 0.946 / +2.17%; the tiny test models 0.958-1.0.
-    # Set about two standard errors under the weaker model, so a real regression fails.
+    # tflite (per-channel int8 weights, per-tensor dynamic activations): SmolLM2 0.894 / 0.908 / +2.51%,
+    # Gemma 0.8965 / 0.902 / +1.64%; tiny models 0.969-1.0. Each set about two to three standard errors
+    # under the weaker model, so a real regression fails; pte (not a target's default) keeps the shared limits.
     format_thresholds={"onnx": Thresholds(top1_min=0.92, top5_min=0.92, ppl_rel_change_max=0.035,
-                                          encoder_cosine_min=0.98, label_agreement_min=0.95)},
+                                          encoder_cosine_min=0.98, label_agreement_min=0.95),
+                       "tflite": Thresholds(top1_min=0.87, top5_min=0.87, ppl_rel_change_max=0.04,
+                                            encoder_cosine_min=0.98, label_agreement_min=0.95)},
     plans={
         # 8-bit MatMulNBits: int8 weights per block of --group-size, activations quantized per block of
         # the same size at run time (accuracy_level 4, int8 compute; the Q8_0 scheme), which holds the

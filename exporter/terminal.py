@@ -299,15 +299,20 @@ def library_output(sink, verbose: bool = False) -> Iterator[None]:
     try:
         yield
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
+        restore_std_fds(saved)
         os.write(write_fd, b"\n" + marker)
         reader.join(timeout=5)
         for fd in (*saved, write_fd):
             os.close(fd)
+
+
+def restore_std_fds(saved: tuple[int, int]) -> None:
+    """Flush Python's streams, then point descriptors 1 and 2 back at ``saved`` (two ``os.dup`` copies)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os.dup2(saved[0], 1)
+    os.dup2(saved[1], 2)
 
 
 def _read_lines(read_fd: int, marker: bytes, sink, verbose: bool) -> None:

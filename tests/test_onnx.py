@@ -163,13 +163,13 @@ def test_garbage_logits_fail_the_gate():
 
 
 def test_onnx_int8_is_held_to_its_own_tighter_limits():
-    """An onnx int8-dynamic artifact at the weakest format's level (LiteRT's top-1 0.875, README) fails the
-    onnx limits it would pass as a tflite one: a regression of 8-bit MatMulNBits does not hide."""
+    """An onnx int8-dynamic artifact at LiteRT's level (top-1 0.894, README) fails the onnx limits it would
+    pass as a tflite one: a regression of 8-bit MatMulNBits does not hide under the weaker format's limits."""
     from exporter.recipes import get_recipe
 
     recipe = get_recipe("int8-dynamic")
-    metrics = {"top1_agreement": 0.875, "top5_agreement": 0.90, "ppl_rel_change": 0.012, "max_abs_err": 3.0}
+    metrics = {"top1_agreement": 0.894, "top5_agreement": 0.908, "ppl_rel_change": 0.025, "max_abs_err": 3.0}
     assert not recipe.thresholds_for({"format": "tflite"}).failures(metrics)
-    assert recipe.thresholds_for({"format": "onnx"}).failures(metrics) == ["top1_agreement 0.8750 < 0.92",
-                                                                             "top5_agreement 0.9000 < 0.92"]
+    assert recipe.thresholds_for({"format": "onnx"}).failures(metrics) == ["top1_agreement 0.8940 < 0.92",
+                                                                             "top5_agreement 0.9080 < 0.92"]
     assert recipe.thresholds_for({"format": "onnx", "source_grid": {"carried": []}}) is recipe.thresholds_for({"format": "onnx"})

@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..terminal import restore_std_fds
+
 LOGS = "logs"
 # Statuses of a cell in the summary.
 OK, GATE_FAILED, ERROR, SKIPPED, IMPOSSIBLE, CANCELLED = ("ok", "gate failed", "error", "skipped-resume",
@@ -105,10 +107,6 @@ def _log_to(path: Path):
     try:
         yield progress
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
+        restore_std_fds(saved)
         for d in (*saved, fd):
             os.close(d)
