@@ -61,8 +61,9 @@ def units(family, schemes: dict) -> list[Unit]:
 def _scores(refs: list[np.ndarray], outs: list[np.ndarray], windows: list[list[int]]) -> dict:
     """top-1 agreement, perplexity change and mean KL(ref || out) over all windows' positions.
 
-    Not ``logit_metrics``: that also sorts the whole vocabulary for top-5 at every position, which over
-    the ~60 units of a 30-layer model and a 49k-262k vocabulary would cost minutes for a figure not shown.
+    Not ``runtime.metrics.LogitStats``: it has no KL, and its top-5 set (a partition of the whole vocabulary
+    at every position) would cost, over the ~60 units of a 30-layer model and a 49k-262k vocabulary,
+    minutes for a figure not shown.
     """
     from .runtime.metrics import log_softmax
 

@@ -78,7 +78,8 @@ def check_parity(runner, bundle_dir: Path) -> dict | None:
     path = Path(bundle_dir) / REFERENCE_FILE
     if not path.exists():
         return None
-    ref = dict(np.load(path))
+    with np.load(path) as stored:
+        ref = dict(stored)
     ids = ref["ids"].tolist()
     if isinstance(runner, EncoderRunner):
         art = runner.encode(ids).astype(np.float32)

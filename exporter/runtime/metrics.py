@@ -36,9 +36,6 @@ class Summary:
     top5: np.ndarray  # (n, TOP_K) int, as a set (unordered)
     nll: np.ndarray  # (n,) float; NaN where the next token is not known
 
-    def __getitem__(self, rows) -> "Summary":
-        return Summary(self.top1[rows], self.top5[rows], self.nll[rows])
-
 
 def summarize(logits: np.ndarray, next_ids: np.ndarray) -> Summary:
     """``Summary`` of (n, vocab) ``logits``; ``next_ids[i]`` is the true token after position i (-1: unknown)."""
@@ -69,8 +66,8 @@ class LogitStats:
         self.bucket_tokens, self.prefill = bucket_tokens, prefill
         self.positions = self.agree1 = 0
         self.overlap5 = 0.0
-        self.nll_ref: list[float] = []
-        self.nll_art: list[float] = []
+        self.nll_ref = self.nll_art = 0.0  # summed over the positions whose next token is known
+        self.scored = 0
         self.err_max, self.err_sum, self.err_count = 0.0, 0.0, 0
         self.buckets: dict[int, list[float]] = {}  # bucket -> [err sum, err count, agree sum, count]
 
@@ -81,8 +78,9 @@ class LogitStats:
         self.agree1 += int(agree.sum())
         self.overlap5 += sum(len(set(a) & set(b)) for a, b in zip(ref.top5.tolist(), art.top5.tolist())) / TOP_K
         known = ~np.isnan(ref.nll)
-        self.nll_ref += ref.nll[known].tolist()
-        self.nll_art += art.nll[known].tolist()
+        self.nll_ref += float(ref.nll[known].sum())
+        self.nll_art += float(art.nll[known].sum())
+        self.scored += int(known.sum())
         if errors is not None:
             self.err_max = max(self.err_max, float(errors[0].max()))
             self.err_sum += float(errors[1].sum())
@@ -104,8 +102,8 @@ class LogitStats:
             metrics.update(max_abs_err=self.err_max, mean_abs_err=self.err_sum / self.err_count)
             if self.err_count != self.positions:
                 metrics["abs_err_positions"] = self.err_count
-        if self.nll_ref:
-            ref, art = float(np.mean(self.nll_ref)), float(np.mean(self.nll_art))
+        if self.scored:
+            ref, art = self.nll_ref / self.scored, self.nll_art / self.scored
             metrics.update(ppl_ref=float(np.exp(ref)), ppl_art=float(np.exp(art)), ppl_rel_change=float(np.exp(art - ref) - 1))
         if self.buckets:
             used = sorted(self.buckets)
