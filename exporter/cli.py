@@ -90,14 +90,23 @@ def cli():
 @click.option("--no-reference-check", is_flag=True, help="Skip the checks that the PyTorch reference is a working model (perplexity, llama.cpp).")
 @click.option("--no-verify", is_flag=True, help="Skip running the bundle in the field's runtimes (onnxruntime-genai, ExecuTorch's runner, ...).")
 @click.option("--inspect", "inspect_layers", is_flag=True, help="Also measure per-layer divergence of the quantization (as `slm-export inspect`) into the manifest and report.html.")
+@click.option("--max-ppl-change", default=None, metavar="PCT",
+              help="Accuracy budget: perplexity within this change of the model's (e.g. 2%); the most sensitive layers are kept finer until the gate meets it.")
+@click.option("--min-top1", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Accuracy budget: top-1 agreement with the model at least this (e.g. 0.95); as --max-ppl-change.")
 @click.option("--verbose", is_flag=True, help="Show everything libraries print (known harmless noise included).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def export(target, out, model, fmt, recipe, calibration, force, no_gate, no_latency, max_context, group_size,
            prefill_lengths, decode_tokens, repeats, threads, cache_dir, trust_pickle, device_runner, device_serial,
-           board, cross_check, no_reference_check, no_verify, inspect_layers, verbose, debug):
+           board, cross_check, no_reference_check, no_verify, inspect_layers, max_ppl_change, min_top1, verbose, debug):
     """Export a model for a target, check parity, measure latency, write a bundle."""
+    from .mixed_precision import Budget, parse_ppl_change
     from .pipeline import ExportRequest
 
+    try:
+        budget = Budget(parse_ppl_change(max_ppl_change), min_top1)
+    except SlmExportError as e:
+        raise click.BadParameter(e.message, param_hint="--max-ppl-change") from None
     req = ExportRequest(target=target, out=out, model=model, format=fmt, recipe=recipe, force=force,
                         gate=not no_gate, measure=not no_latency, calibration=calibration, cache_dir=cache_dir,
                         trust_pickle=trust_pickle, max_context=max_context, group_size=group_size,
@@ -105,7 +114,8 @@ def export(target, out, model, fmt, recipe, calibration, force, no_gate, no_late
                         decode_tokens=decode_tokens, repeats=repeats, threads=threads,
                         device_runner=device_runner, device_serial=device_serial,
                         reference_check="never" if no_reference_check else "always" if cross_check else "auto",
-                        verify=not no_verify, inspect=inspect_layers, extra={"board": board} if board else {})
+                        verify=not no_verify, inspect=inspect_layers, budget=budget or None,
+                        extra={"board": board} if board else {})
     _run_guarded(lambda: _export(req, verbose), debug)
 
 
@@ -171,7 +181,23 @@ def _export(req, verbose: bool = False) -> None:
     if manifest.get("inspect"):
         head, _, units = inspect_tables(manifest["inspect"])
         out.print(head, units)
+    if manifest.get("mixed_precision"):
+        out.print(_mixed_precision_table(manifest["mixed_precision"]))
     out.print(_summary_table(manifest, req.out, time.perf_counter() - terminal.start))
+
+
+def _mixed_precision_table(record: dict):
+    """What the accuracy budget kept finer, round by round (``exporter.mixed_precision``)."""
+    from rich.table import Table
+
+    from . import report
+
+    table = Table(title=f"accuracy budget ({report.budget_text(record['budget'])}): {record.get('result')}")
+    for col in report.MIXED_HEADER:
+        table.add_column(col)
+    for row in report.mixed_precision_rows(record):
+        table.add_row(*row)
+    return table
 
 
 def _summary_table(manifest: dict, out: Path, seconds: float):
@@ -312,6 +338,10 @@ def _explain(recipe_name: str, fmt_name: str | None, model: str | None, group_si
         if not rules:
             table.add_row("-", "everything", "float" if recipe.name != "fp16" else "float16", "")
         console.print(table)
+        keep = recipe.keep_rule(f)
+        if keep is not None:
+            console.print(f"  with --max-ppl-change / --min-top1, the layers the budget keeps get: "
+                          f"{keep.describe(group_size)}")
     if model:
         from .loading import load_model
 

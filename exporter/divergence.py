@@ -111,12 +111,16 @@ def check_simulated(fmt: str, recipe: str) -> None:
 
 
 def simulated_schemes(fmt: str, recipe: str, loaded, group_size: int, spec: dict) -> dict:
-    """The format's own ``simulated_schemes`` (in its recipe module); a recipe it cannot simulate is refused."""
+    """The format's own ``simulated_schemes`` (in its recipe module), under the mixed-precision rules the
+    artifact was built with (runtime.json "plan_overrides"); a recipe it cannot simulate is refused."""
     import importlib
+
+    from .recipes import Rule, overriding
 
     check_simulated(fmt, recipe)
     module = importlib.import_module(f"exporter.formats.{fmt}_quant")
-    return module.simulated_schemes(recipe, loaded, group_size, spec)
+    with overriding(Rule.from_dict(d) for d in spec.get("plan_overrides", ())):
+        return module.simulated_schemes(recipe, loaded, group_size, spec)
 
 
 def analyse(loaded, schemes: dict, windows: list[list[int]], runner=None,

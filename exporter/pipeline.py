@@ -26,7 +26,7 @@ from .errors import BudgetExceeded, ParityGateFailed, RuntimeRejectedBundle, Slm
 from .formats import ExportOptions, get_format
 from .loading import load_model
 from .progress import task
-from .recipes import get_recipe
+from .recipes import active_overrides, get_recipe
 from .runtime import RUNTIME_SPEC, open_runner
 from .texts import calibration_texts, eval_text
 from targets import Budgets, Target, get_target
@@ -66,6 +66,9 @@ class ExportRequest:
     reference_check: str = "auto"
     verify: bool = True  # run the bundle in the field's runtimes (exporter/verify); --no-verify skips
     inspect: bool = False  # --inspect: per-layer divergence (exporter/divergence.py) into the manifest and report
+    # --max-ppl-change / --min-top1: the accuracy the artifact must keep, reached by keeping its most
+    # sensitive layers finer (exporter/mixed_precision.py); None: the recipe's plan as it is.
+    budget: object = None  # a mixed_precision.Budget
     extra: dict = field(default_factory=dict)  # board, Budgets overrides, device_options, student, retrain
 
 
@@ -149,12 +152,16 @@ def run(req: ExportRequest, progress: Callable[[str], None] = lambda m: None, pl
         from .divergence import check_simulated
 
         check_simulated(ctx.plan.format, ctx.plan.recipe)
+    if req.budget:
+        check_accuracy_budget(ctx.plan)
     stages["check"](ctx)
     with bundle.writing(req.out, req.force, protected_paths(req), progress) as staging:
         ctx.staging = staging
         stages["load"](ctx)
         stages["export"](ctx)
         stages["validate"](ctx)
+        if req.budget:
+            fit_accuracy_budget(ctx, stages)
         gate(ctx)
         stages["measure"](ctx)
         if req.verify:
@@ -173,6 +180,43 @@ def gate(ctx: Context) -> None:
             f"parity gate failed for {ctx.plan.format} / {ctx.plan.recipe}:\n" + _parity_table(ctx.parity),
             hint="nothing was written; pass --no-gate to keep the artifact anyway",
         )
+
+
+def check_accuracy_budget(plan: Plan) -> None:
+    """Refuse --max-ppl-change / --min-top1 where no mixed plan can be searched, before any work."""
+    from .mixed_precision import check
+
+    if plan.target.stages is not None:
+        raise UnsupportedRecipeError(f"target {plan.target.name} has no accuracy budget search",
+                                     hint="--max-ppl-change / --min-top1 mix the precision of language models")
+    check(plan.format, plan.recipe)
+
+
+def fit_accuracy_budget(ctx: Context, stages: dict) -> None:
+    """Rebuild the artifact with its most sensitive layers kept finer until the gate's figures meet the
+    budget (exporter/mixed_precision.py); the plan chosen goes into the manifest."""
+    from . import mixed_precision
+    from .recipes import overriding
+
+    if ctx.model.kind != "causal-lm":
+        raise UnsupportedRecipeError(f"an accuracy budget covers causal LMs (this is a {ctx.model.kind} model)")
+
+    def rebuild(rules: list) -> dict:
+        with overriding(rules):
+            stages["export"](ctx)
+            stages["validate"](ctx)
+        return ctx.parity["metrics"]
+
+    try:
+        record = mixed_precision.fit(ctx.model, ctx.plan.format, ctx.plan.recipe, ctx.req.group_size,
+                                     ctx.scratch["spec"], ctx.parity["metrics"], ctx.req.budget, rebuild, ctx.progress)
+    except mixed_precision.BudgetNotMet as e:
+        if ctx.req.gate:
+            raise
+        record = e.record  # --no-gate: the last rebuild is kept, the miss recorded
+    ctx.sections["mixed_precision"] = record
+    # the rebuilds' own time is in export_s / parity_s already
+    ctx.timings["mixed_precision_search_s"] = record.get("search_s", 0.0)
 
 
 def verify_runtimes(ctx: Context) -> None:
@@ -283,6 +327,9 @@ def lm_export(ctx: Context) -> None:
     if context_note:
         artifact.notes.append(context_note)
     spec = dict(artifact.spec)
+    overrides = active_overrides()
+    if overrides:  # a mixed-precision plan: inspect and the device check simulate what was built
+        spec["plan_overrides"] = [rule.as_dict() for rule in overrides]
     spec["latency_prompt_ids"] = loaded.tokenizer(" ".join(eval_text().split()),
                                                   add_special_tokens=False)["input_ids"][:LATENCY_PROMPT_TOKENS]
     (staging / RUNTIME_SPEC).write_text(json.dumps(spec, indent=2))

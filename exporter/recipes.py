@@ -9,6 +9,8 @@ The measured figures beside them are SmolLM2-135M-Instruct on that text (see REA
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass, field
 
 from .registry import Registry
@@ -73,17 +75,31 @@ class Rule:
     activations: str = "float"
     why: str = ""
     kind: str | None = None  # only for models of this kind ("causal-lm" / "encoder"); None: every kind
+    # Only these module paths, whatever their role: the layers mixed precision keeps finer than the
+    # plan (exporter/mixed_precision.py); empty for the plan's own, role-matched rules.
+    modules: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.weights not in WEIGHTS or self.granularity not in GRANULARITIES or self.activations not in ACTIVATIONS:
             raise ValueError(f"bad rule {self}")
 
-    def matches(self, role: str | None, is_linear: bool, kind: str | None = None) -> bool:
-        """Whether this rule takes a module of ``role`` (``is_linear``: an nn.Linear, which "*" takes) in a
-        model of ``kind``."""
+    def matches(self, role: str | None, is_linear: bool, kind: str | None = None, path: str | None = None) -> bool:
+        """Whether this rule takes the module at ``path`` of ``role`` (``is_linear``: an nn.Linear, which "*"
+        takes) in a model of ``kind``."""
+        if self.modules:  # exact, or under an exporter's wrapper module ("model." + the path)
+            return path is not None and any(path == m or path.endswith("." + m) for m in self.modules)
         if self.kind is not None and kind is not None and kind != self.kind:
             return False
         return role == self.match if self.match != "*" else is_linear
+
+    def as_dict(self) -> dict:
+        """The rule as runtime.json / the manifest record it (``Rule(**d)`` reads it back)."""
+        return {"match": self.match, "weights": self.weights, "granularity": self.granularity,
+                "activations": self.activations, "why": self.why, "modules": list(self.modules)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Rule":
+        return cls(**{**d, "modules": tuple(d.get("modules", ()))})
 
     def describe(self, group_size: int | None = None) -> str:
         if self.weights == "float":
@@ -117,6 +133,10 @@ class Recipe:
     # LiteRT's per-channel int8): each format held to what it reaches, so its regression fails the gate
     # instead of hiding under the weakest format's limits.
     format_thresholds: dict[str, Thresholds] = field(default_factory=dict)
+    # Per format (or "*"): what a layer that mixed precision keeps gets instead of its plan's rule
+    # (``--max-ppl-change`` / ``--min-top1``, exporter/mixed_precision.py). A format not listed has no
+    # finer step its quantizer can express for this recipe, and refuses a budget.
+    keep: dict[str, Rule] = field(default_factory=dict)
 
     def thresholds_for(self, spec: dict | None) -> Thresholds:
         """The thresholds an artifact described by ``spec`` (its runtime.json) is held to."""
@@ -126,12 +146,42 @@ class Recipe:
         return self.format_thresholds.get(spec.get("format"), self.thresholds)
 
     def plan(self, fmt: str) -> tuple[Rule, ...]:
-        """The rules ``fmt`` applies for this recipe (empty for float recipes)."""
-        return self.plans.get(fmt, self.plans.get("*", ()))
+        """The rules ``fmt`` applies for this recipe (empty for float recipes), after the mixed-precision
+        overrides in force (``overriding``)."""
+        return _OVERRIDES.get() + self.plans.get(fmt, self.plans.get("*", ()))
 
-    def rule_for(self, fmt: str, role: str | None, is_linear: bool = True, kind: str | None = None) -> Rule | None:
-        """The first rule of ``fmt``'s plan that takes a module of ``role`` in a ``kind`` model (None: float)."""
-        return next((r for r in self.plan(fmt) if r.matches(role, is_linear, kind)), None)
+    def rule_for(self, fmt: str, role: str | None, is_linear: bool = True, kind: str | None = None,
+                 path: str | None = None) -> Rule | None:
+        """The first rule of ``fmt``'s plan that takes the module at ``path`` of ``role`` in a ``kind`` model
+        (None: float)."""
+        return next((r for r in self.plan(fmt) if r.matches(role, is_linear, kind, path)), None)
+
+    def keep_rule(self, fmt: str) -> Rule | None:
+        """What mixed precision gives a layer it keeps finer in ``fmt`` (None: the format cannot)."""
+        return self.keep.get(fmt, self.keep.get("*"))
+
+
+# The per-module rules of a mixed-precision plan, put before every plan while an export (or its
+# simulation) runs. A context variable rather than one more argument through every quantizer: the
+# formats reach the plan from many places (graph node grouping, eager torchao passes, the source-grid
+# plan, the simulation), and each one must see the same overrides.
+_OVERRIDES: contextvars.ContextVar[tuple[Rule, ...]] = contextvars.ContextVar("plan_overrides", default=())
+
+
+@contextlib.contextmanager
+def overriding(rules):
+    """Put ``rules`` (module-path rules, ``Rule.modules``) before every recipe's plan inside the block
+    (and before the rules of an enclosing ``overriding``)."""
+    token = _OVERRIDES.set(tuple(rules) + _OVERRIDES.get())
+    try:
+        yield
+    finally:
+        _OVERRIDES.reset(token)
+
+
+def active_overrides() -> tuple[Rule, ...]:
+    """The mixed-precision rules in force (empty outside ``overriding``)."""
+    return _OVERRIDES.get()
 
 
 RECIPES: Registry[Recipe] = Registry("recipe")
@@ -166,6 +216,7 @@ _ENCODER_MLP = "an encoder's MLP at 4 bits drops min cosine to 0.93 (all-MiniLM-
 _HEAD = "a classifier's head decides the label and is tiny"
 
 _ONNX_Q8 = "MatMulNBits 8-bit, accuracy_level 4: int8 activations per block, not per tensor"
+_KEEP_ONNX = "kept by the accuracy budget: 8-bit MatMulNBits weights, float activations (accuracy_level 0)"
 
 _add(Recipe(
     "int8-dynamic", "int8 weights (onnx: per block of --group-size; others: per channel), activations "
@@ -196,6 +247,9 @@ _add(Recipe(
                  Rule("*", "int8", "group", "dynamic", _ONNX_Q8)),
         "*": (Rule("*", "int8", "channel", "dynamic"),),
     },
+    # What --max-ppl-change / --min-top1 keep finer: on onnx the same 8-bit blocks with float activations
+    # (MatMulNBits accuracy_level 0: the int8 loss is in the activations, and the weights stay 1 byte each).
+    keep={"onnx": Rule("*", "int8", "group", "float", _KEEP_ONNX)},
 ))
 _add(Recipe(
     "int8-static", "int8 weights and activations, activation ranges calibrated on text",
@@ -238,6 +292,11 @@ _add(Recipe(
     # gated: SmolLM2's first answer token is a near tie.
     source_grid_thresholds=Thresholds(top1_min=0.87, top5_min=0.87, ppl_rel_change_max=0.045,
                                       encoder_cosine_min=0.95, label_agreement_min=0.9),
+    # What --max-ppl-change / --min-top1 keep finer: onnx 8-bit blocks with float activations; pte float32
+    # (XNNPACK's fp32 linear: on a carried source grid the loss is the int8 activations, which an 8-bit
+    # weight step would keep).
+    keep={"onnx": Rule("*", "int8", "group", "float", _KEEP_ONNX),
+          "pte": Rule("*", "float", why="kept float32 by the accuracy budget")},
 ))
 _add(Recipe(
     "int8-full", "all-integer int8 (int8 inputs/outputs), for microcontrollers",
@@ -259,7 +318,7 @@ def layer_rules(recipe: Recipe, fmt: str, family, model, embeddings: bool = True
             continue
         is_linear = isinstance(module, torch.nn.Linear)
         role = family.role_of(name) if family else None
-        out[name] = (role, recipe.rule_for(fmt, role, is_linear, family.kind if family else None), is_linear)
+        out[name] = (role, recipe.rule_for(fmt, role, is_linear, family.kind if family else None, name), is_linear)
     return out
 
 

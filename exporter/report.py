@@ -158,6 +158,8 @@ def markdown(manifest: dict) -> str:
                       f"- PyTorch: {met['greedy_reference_text']!r}", f"- artifact: {met['greedy_artifact_text']!r}"]
     if m.get("reference"):
         lines += ["", "Reference check: " + reference_line(m["reference"])]
+    if m.get("mixed_precision"):
+        lines += mixed_precision_lines(m["mixed_precision"])
     latency = m.get("latency")
     if latency:
         lat = latency["latency"]
@@ -183,6 +185,44 @@ def markdown(manifest: dict) -> str:
     if budgets:
         lines += ["", "Target budgets missed on this machine (budgets apply on the device): " + "; ".join(budgets)]
     return "\n".join(lines) + "\n"
+
+
+MIXED_HEADER = ("plan", "units kept", "estimated top-1", "estimated ppl", "top-1", "ppl change")
+
+
+def budget_text(budget: dict) -> str:
+    """``{"max_ppl_change": 0.02, "min_top1": 0.95}`` -> "ppl within ±2.00%, top-1 >= 0.95"."""
+    parts = []
+    if "max_ppl_change" in budget:
+        parts.append(f"ppl within ±{budget['max_ppl_change']:.2%}")
+    if "min_top1" in budget:
+        parts.append(f"top-1 >= {budget['min_top1']:g}")
+    return ", ".join(parts)
+
+
+def mixed_precision_rows(record: dict) -> list[tuple[str, ...]]:
+    """The recipe's plan and every rebuild of the accuracy budget's search: units kept, figures."""
+    def fig(d: dict | None, key: str) -> str:
+        if not d or key not in d:
+            return "-"
+        return f"{d[key]:.4f}" if key == "top1_agreement" else f"{d[key]:+.2%}"
+
+    rows = [("recipe's plan", "0", "-", "-", fig(record["plan"], "top1_agreement"), fig(record["plan"], "ppl_rel_change"))]
+    for i, r in enumerate(record.get("rounds", []), 1):
+        rows.append((f"rebuild {i}", str(r["kept"]), fig(r["estimate_shifted"], "top1_agreement"),
+                     fig(r["estimate_shifted"], "ppl_rel_change"), fig(r["measured"], "top1_agreement"),
+                     fig(r["measured"], "ppl_rel_change")))
+    return rows
+
+
+def mixed_precision_lines(record: dict) -> list[str]:
+    """report.md's section on the accuracy budget (``exporter.mixed_precision``)."""
+    lines = ["", f"## Accuracy budget ({budget_text(record['budget'])}): {record.get('result')}", ""]
+    lines += md_table(MIXED_HEADER, mixed_precision_rows(record))
+    if record.get("kept"):
+        lines += ["", f"Kept finer ({record.get('keep')}): {', '.join(record['kept'])}"
+                  + (f"; {human_bytes(record['extra_bytes'])} more" if record.get("extra_bytes") else "") + "."]
+    return lines
 
 
 def runtime_rows(m: dict) -> list[tuple[str, ...]]:
@@ -481,6 +521,14 @@ def html_report(manifest: dict, markdown_text: str) -> str:
                   "<p class=note>Greedy decoding of the shipped prompt in each runtime, compared with our runner "
                   "and with PyTorch; `slm-export verify BUNDLE` runs it again.</p>",
                   table(RUNTIME_HEADER, runtime_rows(m))]
+    if m.get("mixed_precision"):
+        mp = m["mixed_precision"]
+        parts += [f"<h2>Accuracy budget ({esc(budget_text(mp['budget']))}): {esc(mp.get('result'))}</h2>",
+                  "<p class=note>Estimates: the PyTorch simulation on the calibration text, moved by how far it stood "
+                  "from the gate in the round before; top-1 and ppl change: the real gate on the evaluation set.</p>",
+                  table(MIXED_HEADER, mixed_precision_rows(mp))]
+        if mp.get("kept"):
+            parts.append(f"<p>Kept finer ({esc(mp.get('keep'))}): {esc(', '.join(mp['kept']))}</p>")
     if m.get("inspect"):  # --inspect
         from .divergence import html_section
 

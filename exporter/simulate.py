@@ -138,19 +138,38 @@ class Simulation:
         unknown = sorted(set(schemes) - set(modules))
         if unknown:
             raise KeyError(f"no such modules: {', '.join(unknown[:3])}")
-        self.schemes = {n: s for n, s in schemes.items() if s.quantizes}
-        self._modules = {n: modules[n] for n in self.schemes}
+        self.schemes: dict[str, Scheme] = {}
+        self._modules = {n: modules[n] for n, s in schemes.items() if s.quantizes}
         self._original = {n: m.weight.data for n, m in self._modules.items()}
-        self._quantized = {n: fake_quantize_weight(m.weight.data, self.schemes[n]) for n, m in self._modules.items()}
+        self._quantized: dict[str, torch.Tensor] = {}
+        self._offsets: dict[str, torch.Tensor] = {}
+        self._hooks: dict[str, list] = {}
+        for name in self._modules:
+            self._set(name, schemes[name])
+
+    def _set(self, name: str, scheme: Scheme) -> None:
+        """Layer ``name`` simulated with ``scheme`` (float weights and inputs when it quantizes nothing)."""
+        self._offsets.pop(name, None)
+        if not scheme.quantizes:
+            self.schemes.pop(name, None)
+            self._quantized[name] = self._original[name]
+            return
+        self.schemes[name] = scheme
+        self._quantized[name] = fake_quantize_weight(self._original[name], scheme)
         # A carried source grid runs as a 4-bit matmul on the quantized input plus its block offsets on
         # the float input (exporter/source_grid.GridLinear): the offsets' share of the weights, per layer.
-        self._offsets = {}
-        for name, scheme in self.schemes.items():
-            if scheme.exact and scheme.activations != "float":
-                offsets = _carried_offsets(self._modules[name].weight.data, scheme)
-                if offsets is not None:
-                    self._offsets[name] = offsets
-        self._hooks: dict[str, list] = {}
+        if scheme.exact and scheme.activations != "float":
+            offsets = _carried_offsets(self._original[name], scheme)
+            if offsets is not None:
+                self._offsets[name] = offsets
+
+    def replace(self, schemes: dict[str, Scheme]) -> None:
+        """Give the layers of ``schemes`` these schemes instead (only layers this simulation was built to
+        quantize); call ``enable`` after. For trying a mixed-precision plan without a second copy of the model."""
+        self.disable()
+        for name, scheme in schemes.items():
+            if name in self._modules:
+                self._set(name, scheme)
 
     def enable(self, names=None) -> None:
         """Switch ``names`` (default: every simulated layer) to their quantization; the rest to float."""
@@ -217,11 +236,12 @@ def plan_schemes(recipe: str, fmt: str, loaded, group_size: int, activation: str
     eight = Scheme(8, eight_group, activation, **style)
     out = {}
     for name, (role, rule, is_linear) in layer_rules(get_recipe(recipe), fmt, loaded.family, loaded.model).items():
+        kept = rule is not None and bool(rule.modules)  # an accuracy budget's rule (exporter/mixed_precision.py)
         if not is_linear:
-            if embed is not None:
+            if embed is not None and not (kept and rule.weights == "float"):
                 out[name] = embed
             continue
-        if name in carried:
+        if name in carried and not kept:
             out[name] = Scheme(4, group_size, activation, exact=True, **style)
         elif name in finer:
             out[name] = eight

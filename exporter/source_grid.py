@@ -215,7 +215,9 @@ def plan_for_format(model: torch.nn.Module, family, recipe: str, fmt: str, group
     from exporter.recipes import get_recipe, layer_rules
 
     rules = layer_rules(get_recipe(recipe), fmt, family, model, embeddings=False)
-    quantized = [n for n, (_, rule, _) in rules.items() if rule is not None and rule.weights != "float"]
+    # A layer an accuracy budget keeps finer (``Rule.modules``) is not carried: the budget chose its rule.
+    quantized = [n for n, (_, rule, _) in rules.items()
+                 if rule is not None and rule.weights != "float" and not rule.modules]
     four = [n for n, (_, rule, _) in rules.items() if rule is not None and rule.weights == "int4"]
     plan = plan_for_source(model, quantized, four, group)
     return plan if plan.carried else None
