@@ -187,7 +187,7 @@ def markdown(manifest: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-MIXED_HEADER = ("plan", "units kept", "estimated top-1", "estimated ppl", "top-1", "ppl change")
+MIXED_HEADER = ("plan", "units kept", "predicted top-1", "predicted ppl", "top-1", "ppl change")
 
 
 def budget_text(budget: dict) -> str:
@@ -209,8 +209,8 @@ def mixed_precision_rows(record: dict) -> list[tuple[str, ...]]:
 
     rows = [("recipe's plan", "0", "-", "-", fig(record["plan"], "top1_agreement"), fig(record["plan"], "ppl_rel_change"))]
     for i, r in enumerate(record.get("rounds", []), 1):
-        rows.append((f"rebuild {i}", str(r["kept"]), fig(r["estimate_shifted"], "top1_agreement"),
-                     fig(r["estimate_shifted"], "ppl_rel_change"), fig(r["measured"], "top1_agreement"),
+        rows.append((f"rebuild {i}", str(r["kept"]), fig(r["predicted"], "top1_agreement"),
+                     fig(r["predicted"], "ppl_rel_change"), fig(r["measured"], "top1_agreement"),
                      fig(r["measured"], "ppl_rel_change")))
     return rows
 
@@ -524,8 +524,9 @@ def html_report(manifest: dict, markdown_text: str) -> str:
     if m.get("mixed_precision"):
         mp = m["mixed_precision"]
         parts += [f"<h2>Accuracy budget ({esc(budget_text(mp['budget']))}): {esc(mp.get('result'))}</h2>",
-                  "<p class=note>Estimates: the PyTorch simulation on the calibration text, moved by how far it stood "
-                  "from the gate in the round before; top-1 and ppl change: the real gate on the evaluation set.</p>",
+                  "<p class=note>Predicted: the PyTorch simulation on the calibration text, its errors scaled by the "
+                  "ratio of the gate's to the simulation's in the round before; top-1 and ppl change: the real gate on "
+                  "the evaluation set.</p>",
                   table(MIXED_HEADER, mixed_precision_rows(mp))]
         if mp.get("kept"):
             parts.append(f"<p>Kept finer ({esc(mp.get('keep'))}): {esc(', '.join(mp['kept']))}</p>")
