@@ -1,8 +1,8 @@
 """Accuracy-aware mixed precision: ``--max-ppl-change 2%`` / ``--min-top1 0.95``.
 
 When the recipe's plan misses the user's accuracy budget on the parity gate, the layers whose
-quantization costs the most are kept finer (the recipe's ``keep`` rule for the format: 8-bit weights
-with float activations on onnx, float32 on pte), as few as the budget needs:
+quantization costs the most are kept finer (the recipe's ``keep`` rule for the format: float32 on onnx
+and pte), as few as the budget needs:
 
 1. **rank**: every unit (one layer's attention, one layer's MLP, the embedding, the LM head) is
    quantized alone in the PyTorch simulation of the format (``exporter.simulate``) on the
