@@ -112,17 +112,15 @@ class Search:
 
     def __init__(self, loaded, fmt: str, recipe: str, group_size: int, spec: dict,
                  progress: Callable[[str], None] = lambda m: None):
+        import torch
+
         from . import divergence
         from .recipes import get_recipe, overriding
-        from .simulate import Simulation
+        from .simulate import Scheme, Simulation
         from .texts import calibration_texts, calibration_windows
 
         self.loaded, self.fmt, self.recipe = loaded, fmt, recipe
         self.keep = get_recipe(recipe).keep_rule(fmt)
-        import torch
-
-        from .simulate import Scheme
-
         self.base = divergence.simulated_schemes(fmt, recipe, loaded, group_size, spec)
         modules = dict(loaded.model.named_modules())
         every = [{"part": "embed" if isinstance(modules[n], torch.nn.Embedding) else "layer", "modules": (n,)}
