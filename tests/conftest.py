@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -10,6 +11,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import make_model_dir  # noqa: E402
+
+# A test run started in the background of a non-interactive shell (`.ci/run &`, nohup) has SIGINT ignored,
+# and an ignored signal is inherited by every child: the Ctrl-C tests' exports and farms would never see it
+# (measured: all 5 failed that way). A handled signal is reset to the default on exec, so handle it here.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
