@@ -77,7 +77,7 @@ def parse_ppl_change(text: str | None) -> float | None:
     return value
 
 
-def check(fmt: str, recipe: str, kind: str | None = None) -> None:
+def check(fmt: str, recipe: str) -> None:
     """Refuse a budget this format and recipe cannot search (before any export work)."""
     from .divergence import check_simulated
     from .recipes import get_recipe
@@ -87,8 +87,6 @@ def check(fmt: str, recipe: str, kind: str | None = None) -> None:
         raise UnsupportedRecipeError(
             f"an accuracy budget (--max-ppl-change / --min-top1) has no finer step for {fmt} {recipe}",
             hint=f"{recipe} mixes precision on {', '.join(keeps)}" if keeps else "drop the budget")
-    if kind is not None and kind != "causal-lm":
-        raise UnsupportedRecipeError(f"an accuracy budget covers causal LMs (this is a {kind} model)")
     check_simulated(fmt, recipe)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 from dataclasses import dataclass, field
 
 from .registry import Registry
@@ -93,9 +94,8 @@ class Rule:
         return role == self.match if self.match != "*" else is_linear
 
     def as_dict(self) -> dict:
-        """The rule as runtime.json / the manifest record it (``Rule(**d)`` reads it back)."""
-        return {"match": self.match, "weights": self.weights, "granularity": self.granularity,
-                "activations": self.activations, "why": self.why, "modules": list(self.modules)}
+        """The rule as runtime.json records it (``from_dict`` reads it back)."""
+        return {**dataclasses.asdict(self), "modules": list(self.modules)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Rule":

@@ -227,28 +227,25 @@ def _int8_static(src: Path, dst: Path, loaded, options, spec: dict, source=None)
 
 def _int4_weight(src: Path, dst: Path, loaded, options, spec: dict, source=None):
     groups = planned_nodes(src, "int4-weight", loaded.family)
-    _refuse_unplanned(groups, {"int4/group/dynamic", "int8/group/float"}, "int4-weight")
+    _refuse_unplanned(groups, {"int4/group/dynamic"}, "int4-weight")
     nodes = groups.get("int4/group/dynamic", [])
-    kept = groups.get("int8/group/float", [])  # kept finer by an accuracy budget (exporter/mixed_precision.py)
     # A source's 4-bit blocks (``source_grid``) go through the same symmetric RTN quantizer: every block
     # holds the code -8 and no larger magnitude, and MatMulNBits' RTN maps that to the block's scale, so
     # it writes the source's codes and scales as they are. Linears the source holds finer get 8 bits.
     finer = _nodes_of_modules(src, nodes, source.finer) if source else []
     four = [n for n in nodes if n not in set(finer)]
     # accuracy_level 4: int8 compute on blocks of activations, the fast path of MatMulNBits on CPU.
-    staged = dst.with_name(dst.name + ".q8") if finer or kept else dst
+    staged = dst.with_name(dst.name + ".q8") if finer else dst
     _weight_only(src, staged, bits=4, block_size=options.group_size, accuracy_level=4, nodes=four)
-    if finer or kept:
+    if finer:
         try:
-            _matmul_nbits(staged, dst, bits=8, block_size=options.group_size, groups=[(finer, 4), (kept, 0)])
+            _weight_only(staged, dst, bits=8, block_size=options.group_size, accuracy_level=4, nodes=finer)
         finally:
             staged.unlink(missing_ok=True)
     notes = [f"{len(four)} linears: 4-bit MatMulNBits weights, block {options.group_size}, int8 compute "
              f"(accuracy_level 4); {len(groups.get('float', []))} stay float (lm_head)"]
     if finer:
         notes.append(f"{len(finer)} linears: 8-bit MatMulNBits (the source holds them at more than 4 bits)")
-    if kept:
-        notes.append(f"{len(kept)} linears kept by the accuracy budget: 8-bit MatMulNBits, float activations")
     return notes
 
 
