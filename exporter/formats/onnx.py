@@ -15,6 +15,7 @@ from pathlib import Path
 from exporter.errors import ExportFailedError, condense
 from exporter.formats import Artifact, ExportOptions, Format, causal_lm_spec, encoder_output, encoder_spec, register
 from exporter.progress import task
+from exporter.quiet import quiet
 from exporter.runtime.spec import contract_fields
 
 MODEL_FILE = "model.onnx"
@@ -227,7 +228,8 @@ class OnnxFormat(Format):
             spec["source_grid"] = source.as_dict()
         if recipe != "fp32":
             with task(options.progress, f"export: quantizing ONNX ({recipe}, onnxruntime.quantization)"):
-                notes += onnx_quant.apply(recipe, fp32_path, out_dir / MODEL_FILE, loaded, options, spec, source)
+                with quiet():  # onnxruntime's MatMulNBits quantizer logs every node at INFO (its import calls basicConfig)
+                    notes += onnx_quant.apply(recipe, fp32_path, out_dir / MODEL_FILE, loaded, options, spec, source)
             for leftover in out_dir.glob(FP32_FILE + "*"):
                 leftover.unlink()
         files = sorted(p.name for p in out_dir.iterdir() if p.name.startswith("model"))
