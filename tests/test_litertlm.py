@@ -173,8 +173,11 @@ def test_a_bundle_without_litertlm_is_not_applicable(bundle, tmp_path):
 @pytest.mark.slow
 def test_real_smollm2_litert_lm_greedy_equals_our_runner(real_smollm2_bundle):
     """The embedded SmolLM2-135M-Instruct, `--target rpi --format tflite` (int8-dynamic): on the bundle's chat
-    prompt LiteRT-LM's greedy tokens equal our runner's up to the stop token where LiteRT-LM ends ("The capital
-    of France is Paris." <|im_end|>); both decode speeds are printed, also over 64 tokens of plain text."""
+    prompt LiteRT-LM's greedy tokens equal our runner's up to the stop token where LiteRT-LM ends; both decode
+    speeds are printed, also over 64 tokens of plain text. The answer's text is not asserted: its first token
+    is a near tie that int8 kernels decide by CPU ("The capital of France is Paris." on the VNNI hosts of
+    earlier CI runs, "L'Étoile de France, ..." on an AMD EPYC without VNNI on 2026-12-03, same tokens in both
+    runtimes); that the two runtimes agree token for token is what this test checks."""
     from exporter.verify import greedy_case
     from exporter.verify.litert_lm import generate
 
@@ -187,7 +190,6 @@ def test_real_smollm2_litert_lm_greedy_equals_our_runner(real_smollm2_bundle):
     assert theirs.tokens == mine.tokens[:k]
     from transformers import AutoTokenizer
 
-    assert "Paris" in AutoTokenizer.from_pretrained(out).decode(theirs.tokens)
     text = AutoTokenizer.from_pretrained(out)("It is a truth universally acknowledged, that a single man").input_ids
     mine, theirs = ours(out, text, 64), generate(out, text, 64, vocab)
     same = next((i for i, (a, b) in enumerate(zip(mine.tokens, theirs.tokens)) if a != b), len(theirs.tokens))

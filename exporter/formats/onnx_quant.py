@@ -120,31 +120,26 @@ def _int8_dynamic(src: Path, dst: Path, loaded, options, spec: dict, source=None
     # the Q8_0 scheme of llama.cpp. Its "float" rules run at accuracy_level 0 (weight-only, float
     # compute). quantize_dynamic's MatMulInteger, used before, scales activations per *tensor*:
     # SmolLM2 top-1 0.828 / ppl +7.6% and half the fp32 decode speed (see README, "Measured").
-    # Embedding tables: 8-bit blocks of the same size (GatherBlockQuantized, exporter/formats/onnx_embedding.py),
-    # stored once with a tied lm_head; a "channel" rule, or a table whose width is not whole blocks, takes
-    # quantize_dynamic's int8 Gather (one range per table).
+    # Embedding tables (Gather) stay with quantize_dynamic's int8 Gather: the installed MatMulNBits
+    # quantizer writes GatherBlockQuantized at 4 bits only.
     groups = planned_nodes(src, "int8-dynamic", loaded.family)
     _refuse_unplanned(groups, {"int8/group/dynamic", "int8/group/float", "int8/channel/float"}, "int8-dynamic")
-    gemms, gathers = _nodes_of_type(src, "Gemm"), _nodes_of_type(src, "Gather")
-    blockwise = [n for n in groups.get("int8/group/dynamic", []) if n not in gemms | gathers]
-    weight_only = [n for n in groups.get("int8/group/float", []) if n not in gemms | gathers]
+    gemms = _nodes_of_type(src, "Gemm")
+    blockwise = [n for n in groups.get("int8/group/dynamic", []) if n not in gemms]
+    weight_only = [n for n in groups.get("int8/group/float", []) if n not in gemms]
     # A linear exported as Gemm (a 2-D input, e.g. a classifier head) has no MatMulNBits form: it keeps
     # quantize_dynamic's per-channel int8 weights (unsigned, U8U8: signed weights saturate on AVX2-only
     # x86 CPUs, see README) with per-tensor dynamic activations.
     dynamic = [n for n in groups.get("int8/group/dynamic", []) + groups.get("int8/group/float", []) if n in gemms]
-    blocked = _whole_block_tables(src, [n for key, nodes in groups.items() if key.startswith("int8/group/")
-                                        for n in nodes if n in gathers], options.group_size)
-    per_table = [n for key, nodes in groups.items() if key.startswith("int8/") for n in nodes
-                 if n in gathers and n not in blocked]
+    embeddings = groups.get("int8/channel/float", [])
     staged = dst.with_name(dst.name + ".emb")
     try:
-        if per_table or dynamic:  # an empty nodes_to_quantize would mean "every node" to quantize_dynamic
+        if embeddings or dynamic:  # an empty nodes_to_quantize would mean "every node" to quantize_dynamic
             quantize_dynamic(str(src), str(staged), per_channel=True, weight_type=QuantType.QUInt8,
-                             op_types_to_quantize=["Gather", "Gemm"], nodes_to_quantize=per_table + dynamic)
+                             op_types_to_quantize=["Gather", "Gemm"], nodes_to_quantize=embeddings + dynamic)
         else:
             staged = src
-        embedding_notes = _matmul_nbits(staged, dst, bits=8, block_size=options.group_size,
-                                        groups=[(weight_only, 0), (blockwise, 4)], embeddings=blocked)
+        _matmul_nbits(staged, dst, bits=8, block_size=options.group_size, groups=[(weight_only, 0), (blockwise, 4)])
     finally:
         if staged != src:
             staged.unlink(missing_ok=True)
@@ -152,24 +147,11 @@ def _int8_dynamic(src: Path, dst: Path, loaded, options, spec: dict, source=None
              f"compute on activations quantized per block (accuracy_level 4)"]
     if weight_only:
         notes.append(f"{len(weight_only)} linears: 8-bit MatMulNBits weights, float activations (accuracy_level 0)")
-    notes += embedding_notes
-    if per_table:
-        notes.append(f"{len(per_table)} embedding tables: int8 (Gather, one range per table)")
+    if embeddings:
+        notes.append(f"{len(embeddings)} embedding tables: int8 (Gather)")
     if dynamic:
         notes.append(f"{len(dynamic)} Gemm linears: int8 per-channel weights, per-tensor dynamic int8 activations")
     return notes
-
-
-def _whole_block_tables(model_path: Path, gathers: list[str], block_size: int) -> list[str]:
-    """Those ``gathers`` whose table rows are whole blocks of ``block_size`` (GatherBlockQuantized's condition)."""
-    import onnx
-
-    from exporter.formats import onnx_embedding
-
-    if not gathers:
-        return []
-    model = onnx.load(str(model_path), load_external_data=False)
-    return [n for n in gathers if onnx_embedding.shareable_width(model, n, block_size)]
 
 
 def _nodes_of_type(model_path: Path, op_type: str) -> set[str]:
@@ -186,22 +168,16 @@ def _weight_only(src: Path, dst: Path, bits: int, block_size: int, nodes: list[s
 
 
 def _matmul_nbits(src: Path, dst: Path, bits: int, block_size: int,
-                  groups: list[tuple[list[str] | None, int]], embeddings: list[str] = ()) -> list[str]:
+                  groups: list[tuple[list[str] | None, int]]) -> None:
     """MatMulNBits-quantize each group of (MatMul nodes, accuracy_level) in turn on one loaded model,
-    then turn the Gather ``embeddings`` into 8-bit GatherBlockQuantized (``onnx_embedding``), saved once.
-    Nodes None: every constant-weight MatMul; an empty group is skipped. Returns the embeddings' notes."""
+    saved once. Nodes None: every constant-weight MatMul; an empty group is skipped."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         MatMulNBitsQuantizer,
     )
 
-    from exporter.formats import onnx_embedding
-
     model, quantizer = onnx.load(str(src)), None
-    # Found on the float graph, before the heads' weights are replaced by their codes.
-    matmuls = [n for nodes, _ in groups for n in (nodes or [])]
-    tied = onnx_embedding.tied_heads(model, list(embeddings), matmuls) if embeddings else {}
     for nodes, accuracy_level in groups:
         if nodes is not None and not nodes:
             continue
@@ -216,12 +192,10 @@ def _matmul_nbits(src: Path, dst: Path, bits: int, block_size: int,
         quantizer = MatMulNBitsQuantizer(model, algo_config=config, nodes_to_include=nodes, nodes_to_exclude=exclude)
         quantizer.process()
         model = quantizer.model.model
-    notes = onnx_embedding.block_quantize(model, list(embeddings), block_size, tied) if embeddings else []
     if quantizer is None:
         onnx.save(model, str(dst))
     else:
         quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
-    return notes
 
 
 def _int8_static(src: Path, dst: Path, loaded, options, spec: dict, source=None):
@@ -325,21 +299,8 @@ def simulated_schemes(recipe: str, loaded, group_size: int, spec: dict) -> dict:
         return simulate.half_schemes(loaded)
     if recipe == "int8-dynamic":
         return simulate.plan_schemes(recipe, "onnx", loaded, group_size, "block", eight_group=group_size,
-                                     embed=_embedding_scheme(loaded, group_size), rounding="signed-max")
+                                     embed=simulate.Scheme(8, per_tensor=True), rounding="signed-max")
     if recipe == "int4-weight":
         return simulate.plan_schemes(recipe, "onnx", loaded, group_size, "block", eight_group=group_size,
                                      source=spec.get("source_grid"), rounding="signed-max")
     raise NotImplementedError(f"onnx {recipe} (calibrated activation ranges) is not simulated")
-
-
-def _embedding_scheme(loaded, group_size: int):
-    """int8-dynamic's embedding as built: 8-bit blocks of ``group_size`` (GatherBlockQuantized) when the
-    hidden width is whole blocks, else quantize_dynamic's int8 Gather, one range per table."""
-    from exporter import simulate
-    from exporter.recipes import get_recipe
-
-    rule = get_recipe("int8-dynamic").rule_for("onnx", "embed", False)
-    width = loaded.model.get_input_embeddings().weight.shape[-1]
-    if rule is not None and rule.granularity == "group" and width % group_size == 0:
-        return simulate.Scheme(8, group_size, rounding="signed-max")
-    return simulate.Scheme(8, per_tensor=True)
