@@ -175,9 +175,9 @@ def test_real_smollm2_litert_lm_greedy_equals_our_runner(real_smollm2_bundle):
     """The embedded SmolLM2-135M-Instruct, `--target rpi --format tflite` (int8-dynamic): on the bundle's chat
     prompt LiteRT-LM's greedy tokens equal our runner's up to the stop token where LiteRT-LM ends; both decode
     speeds are printed, also over 64 tokens of plain text. The answer's text is not asserted: its first token
-    is a near tie that int8 kernels decide by CPU ("The capital of France is Paris." on the VNNI hosts of
-    earlier CI runs, "L'Étoile de France, ..." on an AMD EPYC without VNNI on 2026-12-03, same tokens in both
-    runtimes); that the two runtimes agree token for token is what this test checks."""
+    is a near tie that the host decides ("The capital of France is Paris." on the hosts of earlier CI runs,
+    "L'Étoile de France, ..." on an AMD EPYC without VNNI on 2026-12-03, apparently through its int8 kernels;
+    the same tokens in both runtimes); that the two runtimes agree token for token is what this test checks."""
     from exporter.verify import greedy_case
     from exporter.verify.litert_lm import generate
 
